@@ -1,0 +1,1 @@
+"""Fusion passes: exact pattern rewrites (BatchNorm folding, Gemm forming, activations)."""
