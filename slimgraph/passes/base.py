@@ -173,7 +173,7 @@ class Pass:
 
     def __repr__(self) -> str:
         args = ", ".join(f"{k}={v!r}" for k, v in self.config.model_dump(exclude_defaults=True).items())
-        return f"{self.name}({args})"
+        return f"{self.name}({args})" if args else self.name
 
 
 def _describe(e: pydantic.ValidationError) -> str:

@@ -1,0 +1,297 @@
+"""The `slimgraph` command.
+
+    slimgraph inspect MODEL [--json]
+    slimgraph passes [--json]
+    slimgraph run MODEL -p PIPELINE -o OUT [--data D.npz] [--verify] [--report R.md]
+    slimgraph bench MODEL [MODEL ...] [--threads N] [--runs N] [--json]
+    slimgraph compare A B [--data D.npz]
+
+Errors print one line and exit 2 for bad input (1 for internal errors); `--debug` shows
+the traceback. No output file is written when a command fails; inputs are never touched.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+from slimgraph.errors import DataError, SlimgraphError
+
+out = Console(highlight=False)
+err = Console(stderr=True, highlight=False)
+
+EXAMPLES = """\
+examples:
+  slimgraph inspect model.onnx
+  slimgraph run model.onnx -p cleanup,fuse -o model.slim.onnx --verify --report report.md
+  slimgraph run model.onnx -p "cleanup,fold_batchnorm,upgrade_opset(target=21)" -o out.onnx
+  slimgraph bench model.onnx model.slim.onnx --threads 2 --runs 50
+  slimgraph compare model.onnx model.slim.onnx --data samples.npz
+"""
+
+
+# --- shared helpers -----------------------------------------------------------------------
+def _inputs(model, args, n_default: int = 1):
+    """(data, labels) from --data, or generated from declared shapes (+ --shape)."""
+    from slimgraph import data as sgdata
+
+    if getattr(args, "data", None):
+        return sgdata.load_npz(args.data, model)
+    overrides = sgdata.parse_shape_overrides(getattr(args, "shape", None))
+    return sgdata.generate(model, n_default, overrides=overrides, seed=0), None
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".slimgraph-", dir=path.parent)
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+def _human(n: float) -> str:
+    for unit in ("", "K", "M", "G", "T"):
+        if abs(n) < 1000:
+            return f"{n:.3g}{unit}"
+        n /= 1000
+    return f"{n:.3g}P"
+
+
+# --- commands -------------------------------------------------------------------------------
+def cmd_inspect(args) -> int:
+    from slimgraph.ir import load, summary
+
+    model = load(args.model)
+    info = summary(model)
+    info["file"] = str(args.model)
+    info["file_bytes"] = Path(args.model).stat().st_size
+    if args.json:
+        out.print_json(json.dumps(info))
+        return 0
+    t = Table(title=str(args.model), show_header=False)
+    t.add_row("opset", ", ".join(f"{d or 'ai.onnx'}={v}" for d, v in info["opset_imports"].items()))
+    for kind in ("inputs", "outputs"):
+        for v in info[kind]:
+            t.add_row(kind[:-1], f"{v['name']}: {v['dtype']} {v['shape']}")
+    t.add_row("nodes", str(info["nodes"]))
+    t.add_row("params", f"{_human(info['params'])} ({info['bytes']:,} bytes of weights)")
+    t.add_row("file", f"{info['file_bytes']:,} bytes")
+    t.add_row("MACs", _human(info["macs"]))
+    t.add_row("ops", ", ".join(f"{k}×{v}" for k, v in info["op_counts"].items()))
+    out.print(t)
+    return 0
+
+
+def cmd_passes(args) -> int:
+    from slimgraph.passes.base import registry, search_domains
+    from slimgraph.passes.pipeline import recipe_names, recipe_text
+    import yaml
+
+    reg = registry()
+    rows = []
+    for name, cls in sorted(reg.items()):
+        fields = {
+            f: {"type": getattr(fi.annotation, "__name__", str(fi.annotation)), "default": fi.default}
+            for f, fi in cls.Config.model_fields.items()
+        }
+        for f, dom in search_domains(cls.Config).items():
+            fields[f]["domain"] = dom
+        rows.append({"name": name, "summary": cls.summary(), "exact": cls.exact, "requires": list(cls.requires),
+                     "after": list(cls.after), "before": list(cls.before), "version": cls.version, "config": fields})
+    recipes = {r: yaml.safe_load(recipe_text(r)).get("description", "").strip() for r in recipe_names()}
+    if args.json:
+        out.print_json(json.dumps({"passes": rows, "recipes": recipes}, default=str))
+        return 0
+    t = Table(title="passes")
+    for c in ("name", "exact", "what it does", "config (default)"):
+        t.add_column(c)
+    for r in rows:
+        cfg = ", ".join(f"{k}={v['default']!r}" for k, v in r["config"].items())
+        t.add_row(r["name"], "yes" if r["exact"] else "lossy", r["summary"], cfg)
+    out.print(t)
+    t = Table(title="recipes")
+    t.add_column("name")
+    t.add_column("what it does")
+    for name, desc in recipes.items():
+        t.add_row(name, desc)
+    out.print(t)
+    return 0
+
+
+def cmd_run(args) -> int:
+    from slimgraph.ir import load, save
+    from slimgraph.passes.base import PassContext
+    from slimgraph.passes.manager import PassManager
+
+    src, dst = Path(args.model), Path(args.output)
+    if dst.exists() and src.exists() and dst.resolve() == src.resolve():
+        raise DataError(f"{dst}: the output would overwrite the input model; choose another -o path")
+    manager = PassManager(args.pipeline, verify=args.verify, tolerance=args.tolerance,
+                          dump_dir=args.dump_dir, progress=not args.quiet)
+    model = load(src)
+    data = labels = None
+    if args.data:
+        data, labels = _inputs(model, args)
+    elif args.shape:
+        data, _ = _inputs(model, args, n_default=4)
+    ctx = PassContext(data=data, labels=labels, seed=args.seed, progress=not args.quiet)
+    result = manager.run(model, ctx)
+    save(result.model, dst)
+    if args.report:
+        _write_atomic(Path(args.report), result.report.to_markdown())
+    if not args.quiet:
+        out.print(result.report.to_rich())
+        out.print(f"wrote {dst} ({dst.stat().st_size:,} bytes)")
+    return 0
+
+
+def cmd_bench(args) -> int:
+    from slimgraph.backends import ort
+    from slimgraph.ir import load
+
+    models = {}
+    for path in args.models:
+        label = path if path not in models else f"{path} ({len(models)})"
+        models[label] = load(path)
+    first = next(iter(models.values()))
+    data, _ = _inputs(first, args)
+    from slimgraph import data as sgdata
+
+    feeds = sgdata.sample(data, sgdata.input_ranks(first), 0)
+    stats = ort.bench(models, feeds, runs=args.runs, warmup=args.warmup, threads=args.threads,
+                      provider=args.provider, progress=not args.json)
+    base = next(iter(stats.values())).median
+    if args.json:
+        out.print_json(json.dumps({k: {**vars(v), "speedup": base / v.median} for k, v in stats.items()}))
+        return 0
+    t = Table(title=f"ORT {args.provider}, {args.threads} threads, {args.runs} runs (interleaved)")
+    for c in ("model", "median ms", "p10", "p90", "speedup vs first"):
+        t.add_column(c, justify="right" if c != "model" else "left")
+    for k, v in stats.items():
+        t.add_row(k, f"{v.median:.3f}", f"{v.p10:.3f}", f"{v.p90:.3f}", f"{base / v.median:.2f}x")
+    out.print(t)
+    return 0
+
+
+def cmd_compare(args) -> int:
+    from slimgraph.backends import ort
+    from slimgraph.compare import diff_all
+    from slimgraph.ir import load
+
+    a, b = load(args.a), load(args.b)
+    if args.data:
+        data, _ = _inputs(a, args)
+    else:
+        from slimgraph import data as sgdata
+
+        data = sgdata.generate(a, args.samples, overrides=sgdata.parse_shape_overrides(args.shape), seed=0)
+    ra = ort.run_batched(a, data)
+    rb = ort.run_batched(b, data)
+    try:
+        diffs = diff_all(ra, rb)
+    except ValueError as e:
+        raise DataError(f"{args.a} vs {args.b}: {e}") from None
+    if args.json:
+        out.print_json(json.dumps({k: d.as_dict() for k, d in diffs.items()}))
+        return 0
+    t = Table(title=f"{args.a} vs {args.b}")
+    for c in ("output", "shape", "max abs", "max rel", "cosine", "top-1 agree"):
+        t.add_column(c, justify="right" if c not in ("output", "shape") else "left")
+    for k, d in diffs.items():
+        t.add_row(k, str(list(d.shape)), f"{d.max_abs:.3e}", f"{d.max_rel:.3e}", f"{d.cosine:.6f}",
+                  "" if d.top1 is None else f"{d.top1:.2%}")
+    out.print(t)
+    return 0
+
+
+# --- parser ---------------------------------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="slimgraph", description="Make neural networks smaller and faster: ONNX in, verified ONNX out.",
+        epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    def data_opts(sp):
+        sp.add_argument("--data", metavar="D.npz", help="inputs: keys = model input names, arrays [N, ...]")
+        sp.add_argument("--shape", action="append", metavar="NAME=1x3x224x224",
+                        help="shape for generated inputs (dynamic dims default to 1); repeatable")
+
+    sp = sub.add_parser("inspect", help="opset, inputs/outputs, op counts, params, bytes, MACs")
+    sp.add_argument("model")
+    sp.add_argument("--json", action="store_true", help="machine-readable output")
+    sp.set_defaults(fn=cmd_inspect)
+
+    sp = sub.add_parser("passes", help="list registered passes and built-in recipes")
+    sp.add_argument("--json", action="store_true")
+    sp.set_defaults(fn=cmd_passes)
+
+    sp = sub.add_parser("run", help="run a pipeline of passes and save the result",
+                        description="Run PIPELINE on MODEL and write OUT. PIPELINE is a recipe name "
+                        "(cleanup, fuse, optimize), a YAML recipe file, or a one-line list such as "
+                        "'cleanup,fold_batchnorm,upgrade_opset(target=21)'.")
+    sp.add_argument("model")
+    sp.add_argument("-p", "--pipeline", required=True, help="recipe name, YAML file, or 'pass1,pass2(k=v)'")
+    sp.add_argument("-o", "--output", required=True, help="where to write the result (never the input)")
+    data_opts(sp)
+    sp.add_argument("--verify", action="store_true",
+                    help="check structure and outputs after every pass against the input model")
+    sp.add_argument("--tolerance", type=float, default=1e-5, help="max relative output change of exact passes")
+    sp.add_argument("--report", metavar="R.md", help="write the per-pass report as markdown")
+    sp.add_argument("--dump-dir", metavar="DIR", help="where to save a failing pass's input and reproducer")
+    sp.add_argument("--seed", type=int, default=0)
+    sp.add_argument("-q", "--quiet", action="store_true", help="no progress bar or table")
+    sp.set_defaults(fn=cmd_run)
+
+    sp = sub.add_parser("bench", help="ORT latency of one or more models (interleaved, median)")
+    sp.add_argument("models", nargs="+")
+    data_opts(sp)
+    sp.add_argument("--threads", type=int, default=2, help="intra-op threads (default 2)")
+    sp.add_argument("--runs", type=int, default=30, help="timed runs per model (default 30)")
+    sp.add_argument("--warmup", type=int, default=5)
+    sp.add_argument("--provider", choices=["cpu", "cuda"], default="cpu")
+    sp.add_argument("--json", action="store_true")
+    sp.set_defaults(fn=cmd_bench)
+
+    sp = sub.add_parser("compare", help="output differences of two models on the same inputs")
+    sp.add_argument("a")
+    sp.add_argument("b")
+    data_opts(sp)
+    sp.add_argument("--samples", type=int, default=8, help="generated samples when no --data (default 8)")
+    sp.add_argument("--json", action="store_true")
+    sp.set_defaults(fn=cmd_compare)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.debug else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return args.fn(args)
+    except SlimgraphError as e:
+        if args.debug:
+            raise
+        err.print(f"[bold red]slimgraph: error:[/] {e}", soft_wrap=True)
+        return e.exit_code
+    except KeyboardInterrupt:
+        err.print("slimgraph: interrupted")
+        return 130
+    except Exception as e:  # the CLI boundary: a bug, reported in one line unless --debug
+        if args.debug:
+            raise
+        err.print(f"[bold red]slimgraph: internal error:[/] {type(e).__name__}: {e} "
+                  "(rerun with --debug for the traceback)", soft_wrap=True)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

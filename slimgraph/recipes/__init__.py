@@ -1,0 +1,1 @@
+"""Built-in YAML recipes, usable by name anywhere a pipeline is accepted."""
