@@ -1,0 +1,170 @@
+"""The CLI end to end, in-process: good paths and every kind of bad input the issue lists
+(one-line error naming the thing, exit 2, no output file, input untouched)."""
+
+import hashlib
+import json
+
+import numpy as np
+import onnx
+import pytest
+
+from slimgraph.cli import main
+
+MODEL = """
+<ir_version: 8, opset_import: ["" : 15]>
+g (float[N,4] x) => (float[N,3] y) {
+    w = Constant <value = float[4,3] {1,2,3,4,5,6,7,8,9,10,11,12}> ()
+    i = Identity (x)
+    m = MatMul (i, w)
+    y = Relu (m)
+}
+"""
+
+
+@pytest.fixture
+def model_path(tmp_path):
+    path = tmp_path / "m.onnx"
+    onnx.save(onnx.parser.parse_model(MODEL), path)
+    return path
+
+
+def digest(path):
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def run_cli(capsys, *argv):
+    code = main([str(a) for a in argv])
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def test_inspect_json_has_the_documented_keys(model_path, capsys):
+    code, out, _ = run_cli(capsys, "inspect", model_path, "--json")
+    assert code == 0
+    info = json.loads(out)
+    for key in ("opset", "inputs", "outputs", "nodes", "op_counts", "params", "bytes", "macs"):
+        assert key in info
+    assert info["opset"] == 15 and info["op_counts"]["MatMul"] == 1 and info["macs"] == 12
+
+
+def test_passes_lists_registered_passes_and_recipes(capsys):
+    code, out, _ = run_cli(capsys, "passes", "--json")
+    assert code == 0
+    info = json.loads(out)
+    names = {p["name"] for p in info["passes"]}
+    assert {"lift_constants", "fold_constants", "cse", "eliminate_dead", "upgrade_opset"} <= names
+    assert "cleanup" in info["recipes"]
+
+
+def test_run_writes_model_and_report_and_leaves_input_alone(model_path, tmp_path, capsys):
+    before = digest(model_path)
+    out_path, report = tmp_path / "out.onnx", tmp_path / "report.md"
+    code, out, _ = run_cli(capsys, "run", model_path, "-p", "cleanup", "-o", out_path, "--verify", "--report", report, "-q")
+    assert code == 0
+    assert digest(model_path) == before
+    m = onnx.load(out_path)
+    assert [n.op_type for n in m.graph.node] == ["MatMul", "Relu"]
+    assert "| lift_constants | yes |" in report.read_text()
+
+
+def test_run_with_data_and_compare(model_path, tmp_path, capsys):
+    data = tmp_path / "d.npz"
+    np.savez(data, x=np.random.default_rng(0).standard_normal((5, 4)).astype(np.float32))
+    out_path = tmp_path / "out.onnx"
+    assert run_cli(capsys, "run", model_path, "-p", "cleanup", "-o", out_path, "--data", data, "--verify", "-q")[0] == 0
+    code, out, _ = run_cli(capsys, "compare", model_path, out_path, "--data", data, "--json")
+    assert code == 0
+    assert json.loads(out)["y"]["max_abs"] == 0.0
+
+
+def test_bench_two_models(model_path, capsys):
+    code, out, _ = run_cli(capsys, "bench", model_path, model_path, "--runs", "3", "--warmup", "1", "--json")
+    assert code == 0
+    stats = json.loads(out)
+    assert len(stats) == 2 and all(v["median"] > 0 for v in stats.values())
+
+
+@pytest.mark.parametrize("command", ["inspect", "passes", "run", "bench", "compare"])
+def test_every_command_has_help(command, capsys):
+    with pytest.raises(SystemExit) as e:
+        main([command, "--help"])
+    assert e.value.code == 0
+    assert "usage: slimgraph" in capsys.readouterr().out
+
+
+# --- bad input --------------------------------------------------------------------------------
+def assert_bad_input(capsys, argv, *must_mention, out_path=None):
+    code, _, err = run_cli(capsys, *argv)
+    assert code == 2, err
+    line = " ".join(err.split())
+    assert "slimgraph: error:" in line and "Traceback" not in err
+    for word in must_mention:
+        assert str(word) in line, line
+    if out_path is not None:
+        assert not out_path.exists()
+
+
+def test_not_an_onnx_file(tmp_path, capsys):
+    bad = tmp_path / "notes.onnx"
+    bad.write_text("this is not a model")
+    out_path = tmp_path / "o.onnx"
+    assert_bad_input(capsys, ["run", bad, "-p", "cleanup", "-o", out_path], "notes.onnx", "not a valid ONNX model", out_path=out_path)
+
+
+def test_truncated_file(model_path, tmp_path, capsys):
+    cut = tmp_path / "cut.onnx"
+    cut.write_bytes(model_path.read_bytes()[:-40])
+    assert_bad_input(capsys, ["inspect", cut], "cut.onnx")
+
+
+def test_missing_file(tmp_path, capsys):
+    assert_bad_input(capsys, ["inspect", tmp_path / "nope.onnx"], "nope.onnx", "no such file")
+
+
+def test_missing_external_data(tmp_path, capsys):
+    proto = onnx.parser.parse_model(MODEL.replace("w = Constant <value = float[4,3] {1,2,3,4,5,6,7,8,9,10,11,12}> ()\n", ""))
+    proto.graph.initializer.append(onnx.numpy_helper.from_array(np.ones((4, 3), np.float32), "w"))
+    path = tmp_path / "ext.onnx"
+    onnx.save(proto, path, save_as_external_data=True, location="ext.onnx.data", size_threshold=0)
+    (tmp_path / "ext.onnx.data").unlink()
+    assert_bad_input(capsys, ["inspect", path], "ext.onnx.data", "missing")
+
+
+def test_op_ort_cannot_run(tmp_path, capsys):
+    proto = onnx.parser.parse_model("""
+    <ir_version: 8, opset_import: ["" : 15, "made.up" : 1]>
+    g (float[2] x) => (float[2] y) { y = made.up.Frobnicate (x) }
+    """)
+    path = tmp_path / "custom.onnx"
+    onnx.save(proto, path)
+    assert_bad_input(capsys, ["bench", path, "--runs", "2"], "Frobnicate")
+
+
+def test_invalid_pipeline_string(model_path, tmp_path, capsys):
+    out_path = tmp_path / "o.onnx"
+    assert_bad_input(capsys, ["run", model_path, "-p", "cleanup,fold_batchnrom", "-o", out_path],
+                     "fold_batchnrom", out_path=out_path)
+
+
+@pytest.mark.parametrize("arrays, mention", [
+    ({"inputs": np.zeros((2, 4), np.float32)}, "missing ['x']"),
+    ({"x": np.zeros((2, 5), np.float32)}, "axis 1 must be 4"),
+    ({"x": np.zeros((2, 4, 1), np.float32)}, "rank 2"),
+])
+def test_npz_that_does_not_fit(model_path, tmp_path, capsys, arrays, mention):
+    data = tmp_path / "d.npz"
+    np.savez(data, **arrays)
+    out_path = tmp_path / "o.onnx"
+    assert_bad_input(capsys, ["run", model_path, "-p", "cleanup", "-o", out_path, "--data", data],
+                     "d.npz", mention, out_path=out_path)
+
+
+def test_output_may_not_overwrite_input(model_path, capsys):
+    before = digest(model_path)
+    assert_bad_input(capsys, ["run", model_path, "-p", "cleanup", "-o", model_path], "overwrite the input")
+    assert digest(model_path) == before
+
+
+def test_debug_shows_traceback(tmp_path):
+    with pytest.raises(Exception, match="no such file"):
+        main(["--debug", "inspect", str(tmp_path / "nope.onnx")])
