@@ -43,6 +43,14 @@ class PassConfig(pydantic.BaseModel):
 
     model_config = pydantic.ConfigDict(extra="forbid", frozen=True)
 
+    @pydantic.model_validator(mode="after")
+    def _values_in_declared_choices(self):
+        for name, domain in search_domains(type(self)).items():
+            options = domain.get("choice")
+            if options is not None and getattr(self, name) not in options:
+                raise ValueError(f"{name} must be one of {options}, got {getattr(self, name)!r}")
+        return self
+
 
 def choice(*options: Any, default: Any) -> Any:
     """A config field whose search domain is a finite set of options."""
