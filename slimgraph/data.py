@@ -1,6 +1,13 @@
 """Sample data: read and check `.npz` files, or generate inputs from declared shapes.
 
-A data set is `{input name: array[N, ...]}` where each `[i:i+1]` slice is one valid input.
+A data set is `{input name: array[N, ...]}` holding N samples, each array in one of two
+layouts, told apart by its rank against the model input's rank R:
+
+- batched, rank R: the samples are concatenated along the batch axis; sample i is the
+  slice `[i:i+1]` (the usual layout for a model with a leading batch dim);
+- stacked, rank R+1: sample i is `array[i]`, a whole input (for inputs whose first axis
+  is not a batch axis, such as an RNN state `[2, batch, 128]`, and for scalars).
+
 An optional `labels` array (length N) is kept apart for training/accuracy passes.
 """
 
@@ -63,13 +70,12 @@ def input_spec(model: Model, overrides: Mapping[str, list[int]] | None = None) -
 
 
 def generate(model: Model, n: int = 1, *, overrides=None, seed: int = 0) -> dict[str, np.ndarray]:
-    """Random inputs (normal floats, small non-negative ints), stacked as [n, ...] slices."""
+    """n random samples (normal floats, small non-negative ints) in the stacked layout."""
     rng = np.random.default_rng(seed)
-    out = {}
-    for name, (dtype, shape) in input_spec(model, overrides).items():
-        batch = [rng_sample(rng, dtype, shape) for _ in range(n)]
-        out[name] = np.concatenate(batch, axis=0) if shape else np.stack(batch)
-    return out
+    return {
+        name: np.stack([rng_sample(rng, dtype, shape) for _ in range(n)])
+        for name, (dtype, shape) in input_spec(model, overrides).items()
+    }
 
 
 def rng_sample(rng: np.random.Generator, dtype, shape: list[int]) -> np.ndarray:
@@ -120,13 +126,18 @@ def check(arrays: Mapping[str, np.ndarray], model: Model, *, where: str = "data"
             else:
                 raise DataError(f"{where}: {name!r} has dtype {array.dtype}, the model wants {np.dtype(expected)}")
         declared = list(v.shape) if v.shape is not None else None
-        if declared:  # rank-0 inputs take array[i]; others take array[i:i+1]
-            if array.ndim != len(declared):
+        if declared is not None:
+            rank = len(declared)
+            if array.ndim == rank + 1:  # stacked: every axis after the first is the input's
+                pairs = enumerate(zip(declared, array.shape[1:]), start=1)
+            elif array.ndim == rank and rank > 0:  # batched: axis 0 is the batch axis
+                pairs = enumerate(zip(declared[1:], array.shape[1:]), start=1)
+            else:
                 raise DataError(
-                    f"{where}: {name!r} has shape {list(array.shape)}; slices [i:i+1] must match the "
-                    f"model's input rank {len(declared)} (declared {_fmt(declared)})"
+                    f"{where}: {name!r} has shape {list(array.shape)}; the model input is rank {rank} "
+                    f"{_fmt(declared)}, so store samples as rank {rank} (batched) or {rank + 1} (stacked)"
                 )
-            for axis, (want, got) in enumerate(zip(declared[1:], array.shape[1:]), start=1):
+            for axis, (want, got) in pairs:
                 if isinstance(want, int) and want != got:
                     raise DataError(
                         f"{where}: {name!r} has shape {list(array.shape)}, but axis {axis} must be {want} "
@@ -144,9 +155,16 @@ def count(data: Mapping[str, np.ndarray]) -> int:
     return min((len(a) for a in data.values() if np.ndim(a)), default=1)
 
 
-def sample(data: Mapping[str, np.ndarray], model_inputs: Mapping[str, int], i: int, n: int = 1) -> dict[str, np.ndarray]:
-    """Samples i..i+n as feeds. `model_inputs` maps name -> declared rank (rank 0 takes a[i])."""
-    return {k: (a[i] if model_inputs.get(k, 1) == 0 else a[i:i + n]) for k, a in data.items()}
+def sample(data: Mapping[str, np.ndarray], ranks: Mapping[str, int], i: int, n: int = 1) -> dict[str, np.ndarray]:
+    """Samples i..i+n as feeds. `ranks` maps input name -> the model input's rank, which
+    tells the stacked layout (rank+1: `a[i]`) from the batched one (`a[i:i+n]`)."""
+    out = {}
+    for k, a in data.items():
+        if k in ranks and a.ndim == ranks[k] + 1:
+            out[k] = a[i] if n == 1 else a[i:i + n].reshape((-1, *a.shape[2:]))
+        else:
+            out[k] = a[i:i + n]
+    return out
 
 
 def input_ranks(model: Model) -> dict[str, int]:

@@ -149,7 +149,7 @@ def test_invalid_pipeline_string(model_path, tmp_path, capsys):
 @pytest.mark.parametrize("arrays, mention", [
     ({"inputs": np.zeros((2, 4), np.float32)}, "missing ['x']"),
     ({"x": np.zeros((2, 5), np.float32)}, "axis 1 must be 4"),
-    ({"x": np.zeros((2, 4, 1), np.float32)}, "rank 2"),
+    ({"x": np.zeros((2, 4, 1, 1), np.float32)}, "store samples as rank 2 (batched) or 3 (stacked)"),
 ])
 def test_npz_that_does_not_fit(model_path, tmp_path, capsys, arrays, mention):
     data = tmp_path / "d.npz"

@@ -49,6 +49,15 @@ def _try_remove(node: ir.Node) -> bool:
     return True
 
 
+def remove_identities(model) -> int:
+    """Apply the cases above everywhere in `model`; return how many nodes were removed."""
+    removed = 0
+    for graph in [model.graph, *model.ir.functions.values()]:
+        for node in list(ir.traversal.RecursiveGraphIterator(graph)):
+            removed += _try_remove(node)
+    return removed
+
+
 @register_pass
 class EliminateIdentity(Pass):
     """Remove Identity nodes, keeping the model's input/output names (exact)."""
@@ -57,9 +66,5 @@ class EliminateIdentity(Pass):
     preserves = ("shapes", "macs", "params")
 
     def run(self, model, ctx) -> PassResult:
-        graphs = [model.graph, *model.ir.functions.values()]
-        removed = 0
-        for graph in graphs:
-            for node in list(ir.traversal.RecursiveGraphIterator(graph)):
-                removed += _try_remove(node)
+        removed = remove_identities(model)
         return PassResult(model, modified=removed > 0, stats={"removed": removed})

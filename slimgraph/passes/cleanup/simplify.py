@@ -1,0 +1,73 @@
+"""simplify: algebraic no-op and redundancy removal with onnxscript's rewrite rules (exact).
+
+Rules (all from onnxscript's common rule library, applied as one rewrite pass):
+1. no-ops: x+0, x-0, x*1, x/1, Dropout in inference, Cast to the same type, Expand or
+   Transpose that changes nothing, ScatterND that rewrites the whole tensor;
+2. chains: Cast∘Cast, Reshape∘Reshape, Transpose∘Transpose, Unsqueeze∘Unsqueeze,
+   Relu∘Relu, Clip∘Relu, Min/Max chains to Clip, Slice chains to one Slice;
+3. shapes: a Reshape whose target shape is computable becomes a constant shape; an Expand
+   before a broadcasting binary op is dropped; Cast(ConstantOfShape) folds the type;
+4. Conv/Gemm with an all-zero optional bias lose it; Pad folded into Conv's pads.
+Rules that reduce an op to a no-op leave an Identity; those are removed at once.
+Each rule checks its own preconditions (types, shapes, constant values) and does not
+fire when it cannot prove the rewrite exact.
+"""
+
+from __future__ import annotations
+
+from onnxscript.rewriter import RewritePass, RewriteRule
+from onnxscript.rewriter.rules.common import (
+    _basic_rules,
+    _cast_constant_of_shape,
+    _collapse_slices,
+    _fuse_pad_into_conv,
+    _fuse_relus_clips,
+    _materialize_reshape_shape,
+    _min_max_to_clip,
+    _no_op,
+    _redundant_scatter_nd,
+    _remove_expand_before_binary_op,
+    _remove_optional_bias,
+)
+
+from slimgraph.passes.base import Pass, PassResult, register_pass
+from slimgraph.passes.cleanup._onnx_ir import run_ir_pass
+from slimgraph.passes.cleanup.eliminate_identity import remove_identities
+
+
+def _dropout_default(op, x):
+    # Dropout with no training_mode input runs in inference mode (onnxscript's own rule
+    # needs the input spelled out, which exporters omit).
+    return op.Dropout(x)
+
+
+def _identity(op, x, **_):
+    return op.Identity(x)
+
+
+def _rules() -> list:
+    sets = [
+        _no_op.rules, _basic_rules.basic_optimization_rules(), _collapse_slices.rules,
+        _redundant_scatter_nd.rules, _min_max_to_clip.rules, _fuse_relus_clips.rules,
+        _materialize_reshape_shape.rules, _remove_optional_bias.rules, _cast_constant_of_shape.rules,
+        _remove_expand_before_binary_op.expand_before_binary_op_rules, _fuse_pad_into_conv.rules,
+    ]
+    rules = [RewriteRule(_dropout_default, _identity)]
+    for s in sets:
+        rules.extend(getattr(s, "rules", s))
+    return rules
+
+
+@register_pass
+class Simplify(Pass):
+    """Remove algebraic no-ops and collapse redundant op chains (exact)."""
+
+    name = "simplify"
+
+    def run(self, model, ctx) -> PassResult:
+        before = len(list(model.nodes(recursive=True)))
+        result = run_ir_pass(RewritePass(_rules()), model)
+        if result.modified:
+            remove_identities(model)
+        result.stats["nodes_removed"] = before - len(list(model.nodes(recursive=True)))
+        return result
