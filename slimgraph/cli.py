@@ -148,7 +148,7 @@ def cmd_run(args) -> int:
     if args.report:
         _write_atomic(Path(args.report), result.report.to_markdown())
     if not args.quiet:
-        out.print(result.report.to_rich())
+        out.print(result.report.to_rich(changed_only=not args.verbose))
         out.print(f"wrote {dst} ({dst.stat().st_size:,} bytes)")
     return 0
 
@@ -249,6 +249,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--dump-dir", metavar="DIR", help="where to save a failing pass's input and reproducer")
     sp.add_argument("--seed", type=int, default=0)
     sp.add_argument("-q", "--quiet", action="store_true", help="no progress bar or table")
+    sp.add_argument("-v", "--verbose", action="store_true", help="list passes that changed nothing too")
     sp.set_defaults(fn=cmd_run)
 
     sp = sub.add_parser("bench", help="ORT latency of one or more models (interleaved, median)")

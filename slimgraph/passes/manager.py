@@ -75,13 +75,18 @@ class Report:
             )
         return f"Pipeline: `{self.pipeline}` ({self.seconds:.2f} s)\n\n" + head + "\n".join(lines) + "\n"
 
-    def to_rich(self):
+    def to_rich(self, *, changed_only: bool = False):
+        """A rich table; `changed_only` hides passes that left the model as it was."""
         from rich.table import Table
 
-        t = Table(title=f"pipeline: {self.pipeline}")
-        for col in ("pass", "changed", "time (s)", "nodes", "params", "bytes", "MACs", "max rel. err"):
-            t.add_column(col, justify="right" if col not in ("pass",) else "left")
-        for r in self.rows:
+        rows = [r for r in self.rows if r.modified or not changed_only]
+        hidden = len(self.rows) - len(rows)
+        caption = f"{hidden} pass runs changed nothing (hidden)" if hidden else None
+        t = Table(title=f"{len(self.rows)} pass runs in {self.seconds:.2f} s", caption=caption)
+        t.add_column("pass", no_wrap=True)
+        for col in ("changed", "time (s)", "nodes", "params", "bytes", "MACs", "max rel. err"):
+            t.add_column(col, justify="right")
+        for r in rows:
             t.add_row(r.name, "yes" if r.modified else "-", f"{r.seconds:.3f}", _delta(r.nodes),
                       _delta(r.params), _delta(r.bytes), _delta(r.macs),
                       "" if r.error is None else f"{r.error:.1e}")
