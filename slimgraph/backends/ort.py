@@ -429,6 +429,7 @@ class BenchStats:
     runs: int
     threads: int | None
     provider: str
+    #: every timed run, in round order (see `ratio_to`)
     times: tuple[float, ...] = dataclasses.field(repr=False, default=())
 
     @classmethod
@@ -442,6 +443,14 @@ class BenchStats:
 
     def as_dict(self) -> dict:
         return {k: v for k, v in dataclasses.asdict(self).items() if k != "times"}
+
+    def ratio_to(self, baseline: BenchStats) -> float:
+        """Median over rounds of this model's time / the baseline's time in the same round.
+        Both must come from one `bench` call (`times` are in round order): pairing runs
+        cancels load drifts that hit both models, so it is steadier than a ratio of medians."""
+        if len(self.times) != len(baseline.times):
+            raise ValueError("ratio_to needs two BenchStats from the same bench call")
+        return float(np.median(np.asarray(self.times) / np.asarray(baseline.times)))
 
 
 def bench(

@@ -181,6 +181,8 @@ def test_bench_stats_and_self_vs_self(conv_proto, x):
         assert "times" not in s.as_dict()
     ratio = stats["a"].median / stats["b"].median
     assert 0.2 < ratio < 5, f"self-vs-self median ratio {ratio:.2f}: interleaving is broken"
+    assert 0.2 < stats["a"].ratio_to(stats["b"]) < 5
+    assert stats["a"].ratio_to(stats["a"]) == 1.0
 
 
 def test_bench_generates_feeds_and_accepts_sessions(conv_proto):
