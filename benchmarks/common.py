@@ -1,6 +1,6 @@
-"""Shared pieces of the benchmarks: the real models (found through their installed
-packages), torch-defined ResNet-18 and MobileNetV2 shapes exported to ONNX, inputs for
-each, and the markdown/plot writers.
+"""Shared pieces of the benchmarks: the real models (through `slimgraph.zoo`, which finds
+them in their installed packages and makes real inputs), ResNet-18 and MobileNetV2 shapes
+(`torch_models`) exported to ONNX, and the markdown writer.
 
 Every model comes as a `Case`: a name, an ONNX path and a function giving n sample feeds
 (a list of dicts, since silero's recurrent state has no batch axis in front).
@@ -9,10 +9,7 @@ Every model comes as a `Case`: a name, an ONNX path and a function giving n samp
 from __future__ import annotations
 
 import dataclasses
-import importlib.resources
-import json
 import sys
-import sysconfig
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -22,6 +19,8 @@ HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
 CACHE = HERE / ".cache"
 sys.path.insert(0, str(HERE.parent))  # run from a checkout without installing
+
+from slimgraph import zoo  # noqa: E402
 
 
 @dataclasses.dataclass
@@ -33,73 +32,24 @@ class Case:
     note: str = ""
 
 
-# --- real models -------------------------------------------------------------------------------
-def _package_file(package: str, *parts: str) -> Path:
-    try:
-        root = importlib.resources.files(package)
-    except ModuleNotFoundError:
-        raise SystemExit(f"benchmarks need the {package!r} package: pip install -e '.[dev]'") from None
-    return Path(str(root.joinpath(*parts)))
-
-
-def magika_case(n_files: int = 32) -> Case:
-    """magika's file-type model on real files: the start and end bytes of Python's standard
-    library modules and shared libraries, featurized as magika does (see `_magika_features`)."""
-    folder = _package_file("magika", "models", "standard_v3_3")
-    config = json.loads((folder / "config.min.json").read_text())
-    stdlib = Path(sysconfig.get_paths()["stdlib"])
-    files = sorted(stdlib.glob("*.py"))[: n_files // 2] + sorted((stdlib / "lib-dynload").glob("*.so"))[: n_files // 2]
-
+# --- real models (found and fed by slimgraph.zoo) -------------------------------------------------
+def magika_case() -> Case:
+    """magika's file-type model on features of real files of this machine."""
     def samples(n: int) -> list[dict[str, np.ndarray]]:
-        return [{"bytes": np.asarray([_magika_features(f.read_bytes(), config)], dtype=np.int32)}
-                for f in (files * n)[:n]]
+        rows = zoo.magika_inputs(n)[zoo.MAGIKA_INPUT]
+        return [{zoo.MAGIKA_INPUT: rows[i:i + 1]} for i in range(len(rows))]
 
-    return Case("magika", folder / "model.onnx", samples, f"{len(files)} real files")
-
-
-def _magika_features(content: bytes, config: dict) -> list[int]:
-    """magika's features: the first `beg_size` bytes after leading whitespace and the last
-    `end_size` bytes before trailing whitespace, padded with `padding_token`."""
-    block, pad = config["block_size"], config["padding_token"]
-    beg = list(content[:block].lstrip()[: config["beg_size"]])
-    end = list(content[-block:].rstrip()[-config["end_size"]:]) if config["end_size"] else []
-    beg += [pad] * (config["beg_size"] - len(beg))
-    end = [pad] * (config["end_size"] - len(end)) + end
-    return beg + end
+    return Case("magika", zoo.magika_model_path(), samples, "real files")
 
 
 def silero_cases() -> list[Case]:
-    """Every silero-vad ONNX variant in the package, on a synthetic 16 kHz signal (noise plus
-    a voiced-like harmonic tone) and a random recurrent state."""
-    folder = _package_file("silero_vad", "data")
-    return [Case(f"silero/{p.stem}", p, _silero_samples(p), "synthetic audio") for p in sorted(folder.glob("*.onnx"))]
+    """Every silero-vad ONNX variant, on speech-like audio with the recurrent state reached
+    by running over the preceding chunks (`zoo.silero_inputs`)."""
+    def case(path: Path) -> Case:
+        return Case(f"silero/{path.stem}", path, lambda n: [zoo.silero_inputs(path, seed=i) for i in range(n)],
+                    "speech-like audio")
 
-
-def _silero_samples(path: Path) -> Callable[[int], list[dict[str, np.ndarray]]]:
-    import onnx
-
-    graph = onnx.load(str(path), load_external_data=False).graph
-    inputs = {i.name: [d.dim_value or None for d in i.type.tensor_type.shape.dim] for i in graph.input}
-
-    def feed(rng: np.random.Generator) -> dict[str, np.ndarray]:
-        out: dict[str, np.ndarray] = {}
-        for name, dims in inputs.items():
-            if name == "sr":
-                out[name] = np.array(16000, np.int64)
-            elif name == "input":  # [batch, samples] or [sequence, 576]
-                rows, width = (dims[0] or 1, dims[1] or 512) if dims[1] else (1, 512)
-                t = np.arange(width) / 16000.0
-                tone = 0.3 * np.sin(2 * np.pi * 180 * t) + 0.1 * np.sin(2 * np.pi * 360 * t)
-                out[name] = (tone + 0.05 * rng.standard_normal((rows, width))).astype(np.float32)
-            else:  # recurrent state: [2, batch, 128] or [1, 1, 128]
-                out[name] = (0.1 * rng.standard_normal([d or 1 for d in dims])).astype(np.float32)
-        return out
-
-    def samples(n: int) -> list[dict[str, np.ndarray]]:
-        rng = np.random.default_rng(0)
-        return [feed(rng) for _ in range(n)]
-
-    return samples
+    return [case(p) for p in zoo.silero_model_paths()]
 
 
 # --- torch-defined architectures ----------------------------------------------------------------

@@ -40,6 +40,7 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 import onnxruntime as ort
+from onnx import external_data_helper
 from onnxruntime.capi import onnxruntime_pybind11_state as ort_state
 
 from slimgraph import data as sg_data
@@ -151,7 +152,9 @@ def session(
     return create_session(model, options, provider=provider)
 
 
-def create_session(model: ModelSource, options: ort.SessionOptions, *, provider: str = "cpu") -> ort.InferenceSession:
+def create_session(
+    model: ModelSource, options: ort.SessionOptions, *, provider: str = "cpu",
+) -> ort.InferenceSession:
     """An ORT session with explicit options; ORT's refusals become slimgraph errors."""
     providers = _providers(provider)
     with _ort_input(model) as (arg, where, proto_of):
@@ -182,7 +185,7 @@ def _ort_input(model: ModelSource) -> Iterator[tuple[Any, str, Callable[[], onnx
         model = Model(model)
     if isinstance(model, Model):
         where = model.source or "<model>"
-        proto = model.to_proto()
+        proto = self_contained_proto(model)
     elif isinstance(model, onnx.ModelProto):
         where, proto = "<ModelProto>", model
     else:
@@ -199,6 +202,26 @@ def _ort_input(model: ModelSource) -> Iterator[tuple[Any, str, Callable[[], onnx
         yield str(path), where, lambda: proto
 
 
+def self_contained_proto(model: Model) -> onnx.ModelProto:
+    """`model` as a proto holding all its weights. A model loaded from a file with external
+    data keeps them as references relative to that file's folder, which ORT cannot resolve
+    from bytes; their data is read in here."""
+    folders = {
+        value.name: value.const_value.base_dir
+        for graph in model.ir.graphs() for value in graph.initializers.values()
+        if isinstance(value.const_value, ir.ExternalTensor)
+    }
+    proto = model.to_proto()
+    if not folders:
+        return proto
+    for tensor in external_data_helper._get_all_tensors(proto):
+        if external_data_helper.uses_external_data(tensor) and tensor.name in folders:
+            external_data_helper.load_external_data_for_tensor(tensor, str(folders[tensor.name]))
+            tensor.data_location = onnx.TensorProto.DEFAULT
+            del tensor.external_data[:]
+    return proto
+
+
 def _parse_or_none(data: bytes) -> onnx.ModelProto | None:
     proto = onnx.ModelProto()
     try:
@@ -212,8 +235,12 @@ def _parse_or_none(data: bytes) -> onnx.ModelProto | None:
 # --- turning ORT's refusals into one-line errors ---------------------------------------------
 _NO_KERNEL = re.compile(r"Could not find an implementation for (\w+)\((\d+)\) node with name '([^']*)'")
 _UNKNOWN_DOMAIN_OP = re.compile(r"Fatal error: ([\w.]*):(\w+)\((-?\d+)\) is not a registered function/op")
-_NO_SCHEMA = re.compile(r'In Node, \("([^"]*)", (\w+), "([^"]*)".*No Op registered for \w+ with domain_version of (\d+)', re.S)
-_NEW_OPSET = re.compile(r"Opset (\d+) is under development.*?support for domain (\S+) is till opset (\d+)", re.S)
+_NO_SCHEMA = re.compile(
+    r'In Node, \("([^"]*)", (\w+), "([^"]*)".*No Op registered for \w+ with domain_version of (\d+)', re.S
+)
+_NEW_OPSET = re.compile(
+    r"Opset (\d+) is under development.*?support for domain (\S+) is till opset (\d+)", re.S
+)
 _TYPE_ERROR = re.compile(
     r"Type '([^']+)' of input parameter \(([^)]*)\) of operator \((\w+)\) in node \(([^)]*)\) is invalid"
 )
@@ -238,12 +265,14 @@ def _all_nodes(graph: onnx.GraphProto) -> Iterator[onnx.NodeProto]:
 
 
 def _value_types(graph: onnx.GraphProto) -> dict[str, str]:
-    out = {}
+    """{value name: "float" / "double" / ...} for what the graph declares."""
+    def name(elem_type: int) -> str:
+        return onnx.helper.tensor_dtype_to_string(elem_type).removeprefix("TensorProto.").lower()
+
+    out = {t.name: name(t.data_type) for t in graph.initializer}
     for v in [*graph.input, *graph.value_info, *graph.output]:
         if v.type.HasField("tensor_type") and v.type.tensor_type.elem_type:
-            out[v.name] = onnx.helper.tensor_dtype_to_string(v.type.tensor_type.elem_type).removeprefix("TensorProto.").lower()
-    for t in graph.initializer:
-        out[t.name] = onnx.helper.tensor_dtype_to_string(t.data_type).removeprefix("TensorProto.").lower()
+            out[v.name] = name(v.type.tensor_type.elem_type)
     return out
 
 
@@ -334,17 +363,21 @@ def _fmt_arg(arg: Any) -> str:
     return f"{arg.name}: {arg.type}{list(arg.shape)}"
 
 
-def check_feeds(sess: ort.InferenceSession, feeds: Mapping[str, Any], *, allow_extra: bool = False) -> dict[str, np.ndarray]:
+def check_feeds(
+    sess: ort.InferenceSession, feeds: Mapping[str, Any], *, allow_extra: bool = False,
+) -> dict[str, np.ndarray]:
     """The feeds the session needs, as arrays of its input dtypes. Missing (or, unless
     `allow_extra`, unexpected) names and uncastable dtypes are `DataError`s."""
     inputs = sess.get_inputs()
     names = [i.name for i in inputs]
     missing = [n for n in names if n not in feeds]
     extra = sorted(set(feeds) - set(names))
-    if missing or (extra and not allow_extra):
+    extra = [] if allow_extra else extra
+    if missing or extra:
+        declared = ", ".join(_fmt_arg(i) for i in inputs)
         raise DataError(
-            f"feeds {sorted(feeds)} do not match the model's inputs ({', '.join(_fmt_arg(i) for i in inputs)})"
-            + (f"; missing {missing}" if missing else "") + (f"; unexpected {extra}" if extra and not allow_extra else "")
+            f"feeds {sorted(feeds)} do not match the model's inputs ({declared})"
+            + (f"; missing {missing}" if missing else "") + (f"; unexpected {extra}" if extra else "")
         )
     out = {}
     for arg in inputs:
@@ -358,7 +391,9 @@ def check_feeds(sess: ort.InferenceSession, feeds: Mapping[str, Any], *, allow_e
     return out
 
 
-def run(model_or_session: ModelSource | ort.InferenceSession, feeds: Mapping[str, Any]) -> dict[str, np.ndarray]:
+def run(
+    model_or_session: ModelSource | ort.InferenceSession, feeds: Mapping[str, Any],
+) -> dict[str, np.ndarray]:
     """Run once; returns {output name: array}. A model (not a session) gets a default session."""
     sess = _as_session(model_or_session)
     arrays = check_feeds(sess, feeds)
@@ -369,7 +404,10 @@ def run(model_or_session: ModelSource | ort.InferenceSession, feeds: Mapping[str
         if isinstance(e, ort_state.InvalidArgument):
             shapes = {k: list(v.shape) for k, v in arrays.items()}
             raise DataError(f"ONNX Runtime refused the feeds {shapes}: {_short(str(e))}") from None
-        raise SlimgraphError(f"ONNX Runtime failed while running the model: {_short(str(e))}") from None
+        raise SlimgraphError(
+            f"ONNX Runtime failed while running the model: {_short(str(e))}; check the inputs' "
+            "shapes and values against what the named node expects"
+        ) from None
     return dict(zip(names, values))
 
 
@@ -390,9 +428,10 @@ def run_batched(
     model_or_session: ModelSource | ort.InferenceSession, data: Mapping[str, np.ndarray], *,
     batch_size: int | None = None,
 ) -> dict[str, np.ndarray]:
-    """Run `{input: [N, ...]}` sample by sample (each `[i:i+1]` slice, or `a[i]` for rank-0
-    inputs) and concatenate the outputs along axis 0. When every input's first dim is
-    dynamic, `batch_size` samples go in one run (default 32)."""
+    """Run N samples (`{input: array}` in a layout of `slimgraph.data`: batched, sample i
+    is `a[i:i+1]`, or stacked, sample i is `a[i]`) one at a time, and concatenate the
+    outputs along axis 0. When every input's first dim is dynamic, `batch_size` samples
+    (default 32) go in one run instead."""
     sess = _as_session(model_or_session)
     inputs = sess.get_inputs()
     ranks = {i.name: len(i.shape) for i in inputs}
@@ -605,12 +644,14 @@ def _named_proto(model: ModelSource) -> tuple[onnx.ModelProto, str]:
             raise ModelLoadError("<bytes>: not a valid ONNX model (protobuf parse failed)")
     elif isinstance(model, (Model, ir.Model)):
         model = model if isinstance(model, Model) else Model(model)
-        proto, where = model.to_proto(), model.source or "<model>"
+        proto, where = self_contained_proto(model), model.source or "<model>"
     elif isinstance(model, onnx.ModelProto):
         proto, where = onnx.ModelProto(), "<ModelProto>"
         proto.CopyFrom(model)
     else:
-        raise ModelLoadError(f"cannot report on a {type(model).__name__}: pass a Model, path, bytes or ModelProto")
+        raise ModelLoadError(
+            f"cannot report on a {type(model).__name__}: pass a Model, path, bytes or ModelProto"
+        )
     taken = {n.name for n in _all_nodes(proto.graph) if n.name}
     counter = 0
     for node in _all_nodes(proto.graph):
@@ -669,10 +710,15 @@ def runtime_report(
     proto, where = _named_proto(model)
     with tempfile.TemporaryDirectory(prefix="slimgraph-report-") as tmp:
         optimized_path = Path(tmp) / "optimized.onnx"
-        options = session_options(threads=threads, optimization=optimization, optimized_model_path=optimized_path)
-        options.add_session_config_entry("session.optimized_model_external_initializers_file_name", "optimized.onnx.data")
-        options.add_session_config_entry("session.optimized_model_external_initializers_min_size_in_bytes", "1024")
-        options.add_session_config_entry("session.record_ep_graph_assignment_info", "1")
+        options = session_options(
+            threads=threads, optimization=optimization, optimized_model_path=optimized_path,
+        )
+        for key, value in (  # weights of the optimized model go to a side file: no 2 GB limit
+            ("session.optimized_model_external_initializers_file_name", "optimized.onnx.data"),
+            ("session.optimized_model_external_initializers_min_size_in_bytes", "1024"),
+            ("session.record_ep_graph_assignment_info", "1"),
+        ):
+            options.add_session_config_entry(key, value)
         if profile:
             options.enable_profiling = True
             options.profile_file_prefix = str(Path(tmp) / "profile")
@@ -707,7 +753,9 @@ def _profile(sess: ort.InferenceSession, feeds, runs: int, where: str) -> dict[s
     return _profile_events(sess.end_profiling())
 
 
-def _runtime_node(node: onnx.NodeProto, graph: str, index: int, events: list[dict] | None, fallback: str | None) -> RuntimeNode:
+def _runtime_node(
+    node: onnx.NodeProto, graph: str, index: int, events: list[dict] | None, fallback: str | None,
+) -> RuntimeNode:
     provider, dtype, time_us = fallback, None, None
     if events:
         args = events[-1].get("args", {})

@@ -64,6 +64,15 @@ def test_session_from_each_source(kind, conv_proto, x, tmp_path):
     np.testing.assert_allclose(out["y"], _reference(x), rtol=1e-5, atol=1e-5)
 
 
+def test_session_from_model_with_external_data(conv_proto, x, tmp_path):
+    """A Model loaded from a file with external data keeps lazy references to it; the
+    session must read them in, from any working directory."""
+    onnx.save(conv_proto, tmp_path / "m.onnx", save_as_external_data=True, location="m.data", size_threshold=0)
+    model = slimgraph.load(tmp_path / "m.onnx")
+    np.testing.assert_allclose(ort.run(model, {"x": x})["y"], _reference(x), rtol=1e-5, atol=1e-5)
+    assert ort.runtime_report(model, optimization="basic").op_counts() == {"Conv": 1, "Relu": 1}
+
+
 def test_session_writes_optimized_model(conv_proto, tmp_path):
     target = tmp_path / "opt.onnx"
     ort.session(conv_proto, optimization="basic", optimized_model_path=target)
