@@ -149,3 +149,34 @@ def test_unexportable_module_raises_model_load_error(caplog):
 def test_missing_example_inputs():
     with pytest.raises(ModelLoadError, match="example inputs"):
         slimgraph.load(nn.Linear(2, 2))
+
+
+# --- provenance parsing (no export needed) --------------------------------------------------
+@pytest.mark.parametrize(("props", "expected"), [
+    ({"pkg.torch.onnx.name_scopes": "['', 'layer1', 'layer1.0', 'layer1.0.conv1', 'conv2d']"}, "layer1.0.conv1"),
+    ({"pkg.torch.onnx.name_scopes": "['', 'view']"}, ""),  # an op of the root module
+    ({"pkg.torch.onnx.name_scopes": "['fc', 'linear']"}, "fc"),  # FX GraphModule: no root entry
+    ({"pkg.torch.onnx.name_scopes": "['_empty_nn_module_stack_from_metadata_hook', 'sym_size_int_1']"}, ""),
+    ({"pkg.torch.onnx.name_scopes": "['', 'act@1', 'relu_1']"}, "act"),  # second call of a reused module
+    ({"namespace": ": __main__.Net/layer1: torch.nn.Sequential/layer1.0: __main__.Block/relu: aten.relu.default"},
+     "layer1.0"),
+    ({}, None),
+])
+def test_module_path_from_dynamo_metadata(props, expected):
+    from slimgraph.ir.torch_import import _path_from_metadata
+
+    assert _path_from_metadata(props) == expected
+
+
+@pytest.mark.parametrize(("name", "expected"), [
+    ("/layer1/layer1.0/conv1/Conv", "layer1.0.conv1"),
+    ("/act_1/Relu", "act"),  # later call of a reused module
+    ("/fc/Gemm", "fc"),
+    ("/Flatten", ""),
+    ("Identity_3", None),  # not a scoped name
+])
+def test_module_path_from_torchscript_node_name(name, expected):
+    from slimgraph.ir.torch_import import _path_from_node_name
+
+    modules = {"", "layer1", "layer1.0", "layer1.0.conv1", "act", "fc"}
+    assert _path_from_node_name(name, modules) == expected
