@@ -1,6 +1,6 @@
 """Loading and saving models.
 
-`load` takes a path (external data next to it is resolved), bytes, an `onnx.ModelProto`,
+`load` takes a path (external data next to it is read into memory), bytes, an `onnx.ModelProto`,
 an `onnx_ir.Model`, a `Model`, or a torch `nn.Module` / FX `GraphModule` (with
 `example_inputs`, through `slimgraph.ir.torch_import`). Loading is faithful: nothing is
 rewritten, so `load` then `save` round-trips exactly; cleanup is a pipeline's job.
@@ -77,9 +77,11 @@ def _load_path(path: Path) -> Model:
     proto = _parse(path.read_bytes(), str(path))
     _check_external_data(proto, path)
     try:
-        # Resolves external data relative to the model's folder (lazily, memory-mapped).
         model = ir.from_proto(proto)
         _set_base_dir(model, path.parent)
+        # Read external data in now: lazy references would be written relative to the
+        # wrong folder when the model is serialized (ORT sessions, clone, save elsewhere).
+        ir.external_data.load_to_model(model)
     except (ValueError, TypeError, KeyError) as e:
         raise ModelLoadError(f"{path}: could not convert to the IR: {e}") from None
     return _checked(Model(model, source=str(path)), str(path))

@@ -124,10 +124,6 @@ def test_external_data_save_and_load(tmp_path):
     np.testing.assert_array_equal(_weight(loaded), _weight(model))
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "io.load keeps external tensors as lazy references, so Model.to_proto() (ORT sessions, "
-    "save, clone) writes references relative to the wrong folder; fix: "
-    "onnx_ir.external_data.load_to_model(model) after setting the base dir in _load_path"))
 def test_model_loaded_from_external_data_runs_and_saves_elsewhere(tmp_path):
     model = slimgraph.load(_model_proto())
     (tmp_path / "a").mkdir()
