@@ -102,21 +102,24 @@ def from_torch(
     args, kwargs = _split_inputs(example_inputs)
     options = dict(opset=opset, input_names=input_names, output_names=output_names)
 
-    was_training = None if is_program else module.training
-    if was_training:
+    # Each submodule's own flag, so mixed modes (a frozen BatchNorm in a training model) come back.
+    modes = {} if is_program else {m: m.training for m in module.modules()}
+    if any(modes.values()):
         logger.info("%s is in training mode; exporting it in eval mode", name)
         module.eval()
     try:
         proto, exporter = _export(torch, module, args, kwargs, dynamic_batch, options)
     finally:
-        if was_training:
-            module.train()
+        for m, training in modes.items():
+            m.training = training
 
     model = ir.from_proto(proto)
     model.metadata_props[EXPORTER_KEY] = exporter
     if model.functions:
         # The exporter may emit local functions; passes and analyses want a flat graph.
-        ir.passes.common.InlinePass()(model)
+        from onnx_ir.passes.common import InlinePass
+
+        InlinePass()(model)
     modules = None if is_program else {n for n, _ in module.named_modules()}
     count = _set_provenance(model, exporter, modules)
     logger.info(

@@ -134,7 +134,6 @@ class _Unexportable(nn.Module):
         return torch.linalg.svd(x)[0]
 
 
-@pytest.mark.slow  # two failing exports (dynamo, then TorchScript)
 def test_unexportable_module_raises_model_load_error(caplog):
     with caplog.at_level(logging.WARNING, logger="slimgraph"):
         with pytest.raises(ModelLoadError) as err:
