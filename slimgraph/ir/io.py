@@ -29,8 +29,9 @@ PROTO_LIMIT = 2**31 - 1  # protobuf cannot serialize a message of 2 GB or more
 
 
 def _is_torch_module(obj: Any) -> bool:
+    """An nn.Module (FX GraphModules included) or a torch.export.ExportedProgram."""
     torch = sys.modules.get("torch")
-    return torch is not None and isinstance(obj, torch.nn.Module)
+    return torch is not None and isinstance(obj, (torch.nn.Module, torch.export.ExportedProgram))
 
 
 def load(source: Any, *, example_inputs: Any = None, **torch_options: Any) -> Model:
