@@ -29,6 +29,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+import matplotlib.ticker  # noqa: E402
 
 import slimgraph  # noqa: E402
 from slimgraph.backends import ort  # noqa: E402
@@ -101,7 +102,8 @@ def tables(rows: list[dict], pipeline: str, runs: int, threads: int) -> str:
         "of time / the original's time in the same round. Node counts: main graph / including "
         "subgraphs (one number when equal). Errors: max |a-b| / max |a| over outputs and samples, "
         "all models run with ORT optimizations off.\n",
-        f"**slimgraph <= ORT on {wins}/{len(rows)} models; outputs within {RTOL:g} on {exact}/{len(rows)}.**\n",
+        f"**slimgraph <= ORT on {wins}/{len(rows)} models; "
+        f"outputs within {RTOL:g} on {exact}/{len(rows)}.**\n",
         "## Node counts, output equality, optimization time\n",
         structure, *latency,
     ])
@@ -114,9 +116,14 @@ def plot(rows: list[dict], path: Path) -> None:
         ax.barh([y + (i - 1) * 0.27 for y in range(len(rows))], [r[key][1] for r in rows], 0.27, label=label)
     ax.set_yticks(range(len(rows)), names)
     ax.set_xscale("log")
+    counts = [r[key][1] for r in rows for key in ("before", "ort", "slim")]
+    ticks = [t for t in (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000)
+             if min(counts) / 2 <= t <= 2 * max(counts)]
+    ax.set_xticks(ticks, [str(t) for t in ticks])
+    ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
     ax.set_xlabel("nodes, including subgraphs (log scale)")
     ax.invert_yaxis()
-    ax.legend()
+    ax.legend(loc="lower center", bbox_to_anchor=(0.5, 1.0), ncol=3, frameon=False)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
