@@ -53,7 +53,7 @@ def shapes(model: Model) -> dict[str, tuple[str | None, Shape | None]]:
         for v in values:
             out[v.name] = (v.dtype.name if v.dtype is not None else None, _shape_of(v))
     try:
-        proto = onnx.shape_inference.infer_shapes(model.to_proto(), data_prop=True)
+        proto = _infer(model)
     except (onnx.shape_inference.InferenceError, RuntimeError, ValueError) as e:
         logger.info("shape inference failed (%s); using the shapes stored in the model", e)
         return out
@@ -70,6 +70,20 @@ def shapes(model: Model) -> dict[str, tuple[str | None, Shape | None]]:
         if old is None or old[1] is None or _known(dims) > _known(old[1]):
             out[info.name] = (dtype or (old[0] if old else None), dims)
     return out
+
+
+def _infer(model: Model) -> onnx.ModelProto:
+    """ONNX shape inference without serializing the weights (their data is irrelevant to
+    shapes and dominated the time on ResNet-18: 0.3 s a call). onnx-ir's helper swaps large
+    initializers for typed inputs during the call and restores them after."""
+    from functools import partial
+
+    infer = partial(onnx.shape_inference.infer_shapes, data_prop=True)
+    try:
+        from onnx_ir.passes.common._c_api_utils import call_onnx_api
+    except ImportError:  # the helper is private to onnx-ir; fall back to a full copy
+        return infer(model.to_proto())
+    return call_onnx_api(infer, model.ir)
 
 
 def _known(shape: Shape) -> int:

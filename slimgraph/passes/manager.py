@@ -27,7 +27,7 @@ from typing import Any
 
 import numpy as np
 
-from slimgraph.errors import PassError, PipelineError, SlimgraphError
+from slimgraph.errors import DataError, PassError, PipelineError, SlimgraphError
 from slimgraph.ir.check import check
 from slimgraph.ir.model import Model
 from slimgraph.passes.base import REQUIREMENTS, Pass, PassContext
@@ -217,11 +217,20 @@ class PassManager:
     def _reference(self, model: Model, ctx: PassContext) -> tuple[list[dict], list[dict]]:
         from slimgraph import data as sgdata
 
-        feeds_all = ctx.data or sgdata.generate(model, self.verify_samples, seed=ctx.seed)
+        generated = not ctx.data
+        feeds_all = sgdata.generate(model, self.verify_samples, seed=ctx.seed) if generated else ctx.data
         ranks = sgdata.input_ranks(model)
         n = min(self.verify_samples, sgdata.count(feeds_all))
         feeds = [sgdata.sample(feeds_all, ranks, i) for i in range(n)]
-        return feeds, [_run_reference(model, f) for f in feeds]
+        try:
+            return feeds, [_run_reference(model, f) for f in feeds]
+        except SlimgraphError as e:  # ORT refused the feeds or failed while running
+            if not generated:
+                raise
+            raise DataError(
+                f"verification needs real inputs for this model: inputs generated from its declared "
+                f"shapes (dynamic dims = 1) fail ({e}); pass --data D.npz or --shape NAME=DIMS"
+            ) from None
 
     def _error(self, model: Model, reference) -> float:
         from slimgraph.compare import diff_all, worst_rel

@@ -99,3 +99,19 @@ def test_modified_bumps_version_and_invalidates_analyses():
     get_pass("lift_constants")()(model)
     assert model.version == 1
     assert model.analysis("params") is not macs_before
+
+
+def test_verify_without_data_on_a_model_that_needs_real_inputs_says_so():
+    # Reshape to a fixed 4 elements fails for generated input with dynamic dim N = 1.
+    model = parse("""
+    <ir_version: 8, opset_import: ["" : 15]>
+    g (float[N] x) => (float[2,2] y) <int64[2] shape = {2, 2}> {
+        y = Reshape (x, shape)
+    }
+    """)
+    from slimgraph.errors import DataError
+
+    with pytest.raises(DataError, match="verification needs real inputs.*--data"):
+        slimgraph.run(model, "cleanup", verify=True)
+    ok = slimgraph.run(model, "cleanup", verify=True, data={"x": np.ones((2, 4), np.float32)})
+    assert ok.report.rows

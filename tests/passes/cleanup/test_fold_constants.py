@@ -65,3 +65,18 @@ def test_output_size_limit_keeps_large_results_unfolded():
     result = get_pass("fold_constants")(output_size_limit=16)(model)
     assert "ConstantOfShape" in ops(model)
     del result
+
+
+def test_small_constant_of_shape_chain_is_folded():
+    model = parse("""
+    <ir_version: 8, opset_import: ["" : 15]>
+    g (float[4] x) => (float[8] y) {
+        shape = Constant <value = int64[1] {4}> ()
+        pad = ConstantOfShape <value = float[1] {0}> (shape)
+        y = Concat <axis = 0> (pad, x)
+    }
+    """)
+    before = model.clone()
+    assert get_pass("fold_constants")()(model).modified
+    assert [op for op in ops(model) if op != "Constant"] == ["Concat"]
+    assert_same_outputs(before, model, {"x": np.arange(4, dtype=np.float32)})
