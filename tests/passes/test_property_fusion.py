@@ -154,3 +154,17 @@ def test_fusion_passes_keep_outputs_and_validity(case):
         if node.op_type == "BatchNormalization":
             producer = node.inputs[0].producer()
             assert producer is None or producer.op_type != "Conv" or len(producer.inputs[1].uses()) > 1, ops(model)
+
+
+@settings(max_examples=10, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(models())
+def test_optimize_recipe_keeps_outputs_and_terminates(case):
+    # The whole cleanup+fusion pipeline, through the pass manager (fixed points included).
+    proto, shape, _ = case
+    model = slimgraph.load(proto)
+    result = slimgraph.run(model, "optimize")
+    check(result.model)
+    feeds = {"x": np.random.default_rng(2).normal(size=shape).astype(np.float32)}
+    assert_same_outputs(model, result.model, feeds, rtol=RTOL)
+    again = slimgraph.run(result.model, "optimize")
+    assert [n.op_type for n in again.model.graph] == [n.op_type for n in result.model.graph]
