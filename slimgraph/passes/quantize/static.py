@@ -1,0 +1,362 @@
+"""quantize.static: post-training static quantization, lowered to integer kernels (lossy).
+
+What it does, in order:
+
+1. **Select** (`_ops.classify`, one table): each node of the main graph gets a kind (MAC,
+   BINARY, CONCAT, POOL, UNARY, SOFTMAX, SAME, CLAMP, LUT) or a reason to stay float
+   (no integer kernel, weight not constant, excluded, not float32). MACs (Conv, Gemm,
+   MatMul) are always quantized; the cheap ops only where an input already is 8-bit, so
+   no QuantizeLinear is spent on them. `exclude` (fnmatch patterns of node names, op
+   types or torch module paths) and `op_types` narrow the selection.
+2. **Calibrate** the float tensors around the selected nodes on the context data
+   (`observers.calibrate`, streaming, `calibration` method, first `samples` samples).
+3. **Choose qparams** (`qparams.QParams`): activations `activation_dtype` (uint8,
+   asymmetric by default), weights `weight_dtype` (int8, symmetric, per output channel by
+   default) with `weight_bits` bits; then
+   - a tensor read only by a Relu/Clip takes the clamp's output range, so the clamp is
+     implied by the 8-bit range and disappears (FOLD: zero point at 0 for Relu);
+   - a tensor read only by a Concat takes the Concat's range, so the Concat copies bytes;
+   - data-movement ops (MaxPool, Reshape, Transpose, Slice, Pad, ...) keep their input's
+     qparams and run on 8-bit data;
+   - a Relu/Clip whose input range does not imply it becomes a lookup table.
+   The result is **recorded as annotations** on each node (`quantize` = kind,
+   `qparams.input.<i>` / `qparams.output.<i>`), the contract with the lowerings.
+4. **Lower**: `format=qoperator` (default) -> `lower_qoperator` (QLinearConv, QGemm,
+   QLinearAdd, ..., 8-bit movement ops, exact 256-entry tables for every other
+   elementwise function); `format=qdq` -> `lower_qdq` (QuantizeLinear/DequantizeLinear
+   pairs around the same ops with the same parameters, for runtimes that fuse QDQ).
+   Nodes that stay float between 8-bit tensors are listed in a WARNING.
+
+**u8s8 saturation without VNNI** (`weight_bits="auto"`, the default). ORT's x86 kernels
+for uint8 x int8 add pairs of products in a saturating int16 (`pmaddubsw`) unless the
+CPU has VNNI: with activations near 255 and 8-bit weights near 127, 2 * 255 * 127 = 64770
+overflows 32767 and the layer's output is silently wrong (see `_cpu.py`). Strategy:
+when the pass runs on an x86 CPU without `avx512_vnni`/`avx_vnni` (and `ctx.target` is
+the CPU), int8 weights of every Conv/Gemm/MatMul that runs in the u8s8 GEMM get **7
+bits** (-63..63): 2 * 255 * 63 = 32130 <= 32767, so no pair can saturate, whatever the
+data. Depthwise convolutions keep 8 bits (their kernel widens first), and so do uint8
+weights (u8u8 kernels widen; they are 1.2-1.8x slower here, which is why they are not
+the default). Per-channel scales keep the 7-bit error small. Per-layer detection from
+calibrated ranges cannot help: symmetric per-channel 8-bit weights always reach +-127,
+and asymmetric activations always reach 255. Set `weight_bits: 8` for a model that
+will run on a VNNI CPU or a GPU; 7 for one built on a VNNI machine for older CPUs.
+
+Lossy: the error is the quantization error (about one step of each tensor's scale per
+op); the manager measures and reports it.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import fnmatch
+import logging
+from collections.abc import Mapping
+
+import numpy as np
+import onnx_ir as ir
+
+from slimgraph import data as sgdata
+from slimgraph.errors import PassError
+from slimgraph.ir.model import Model
+from slimgraph.passes.base import Pass, PassConfig, PassContext, PassResult, choice, float_range, int_range, register_pass
+from slimgraph.passes.quantize import lower_qdq, lower_qoperator
+from slimgraph.passes.quantize._common import NodePlan, clear_plan, weight_axis, write_plan
+from slimgraph.passes.quantize._cpu import u8s8_saturates
+from slimgraph.passes.quantize._ops import (
+    Kind,
+    binary_constant,
+    classify,
+    clip_bounds,
+    data_inputs,
+    is_depthwise,
+    mac_weight,
+    uses_qgemm,
+)
+from slimgraph.passes.quantize.qparams import QParams
+from slimgraph.passes.rewrite import constant
+
+logger = logging.getLogger("slimgraph.passes.quantize.static")
+
+MAC_OPS = ("Conv", "Gemm", "MatMul")
+
+
+@dataclasses.dataclass
+class Selection:
+    """Step 1: the kind of each selected node, and why each other node stays float."""
+
+    kinds: dict[ir.Node, Kind]
+    reasons: dict[ir.Node, str]
+
+    def islands(self) -> list[tuple[ir.Node, str]]:
+        """Float nodes between 8-bit tensors: one of their inputs is produced 8-bit, or one
+        of their outputs is read by a selected node."""
+        produced = {v for n in self.kinds for v in n.outputs}
+        out = []
+        for node, reason in self.reasons.items():
+            reads_8bit = any(v in produced for v in node.inputs if v is not None and v.dtype == ir.DataType.FLOAT)
+            feeds_8bit = any(u.node in self.kinds for v in node.outputs for u in v.uses())
+            if reads_8bit or feeds_8bit:
+                out.append((node, reason))
+        return out
+
+
+def _matches(node: ir.Node, patterns: tuple[str, ...]) -> str | None:
+    path = Model.provenance(node) or ""
+    for pattern in patterns:
+        if fnmatch.fnmatchcase(node.name or "", pattern) or fnmatch.fnmatchcase(node.op_type, pattern) or (
+                path and fnmatch.fnmatchcase(path, pattern)):
+            return pattern
+    return None
+
+
+def select(model: Model, exclude: tuple[str, ...] = (), op_types: tuple[str, ...] | None = None) -> Selection:
+    """Step 1 (see module docstring). The graph must be topologically sorted."""
+    kinds: dict[ir.Node, Kind] = {}
+    reasons: dict[ir.Node, str] = {}
+    available: set[ir.Value] = set()  # float tensors that will exist in 8-bit
+    for node in model.graph:
+        kind = classify(node)
+        if not isinstance(kind, Kind):
+            reasons[node] = kind
+            continue
+        if (pattern := _matches(node, exclude)) is not None:
+            reasons[node] = f"excluded by {pattern!r}"
+            continue
+        if op_types is not None and node.op_type not in op_types:
+            reasons[node] = "its op type is not in op_types"
+            continue
+        if not kind.heavy and not any(node.inputs[i] in available for i in data_inputs(node, kind)):
+            continue  # its input arrives in float: quantizing it would only add a QuantizeLinear
+        kinds[node] = kind
+        available.update(v for v in node.outputs if v.dtype == ir.DataType.FLOAT)
+    return Selection(kinds, reasons)
+
+
+def calibration_tensors(selection: Selection) -> list[str]:
+    """Every float activation read or written by a selected node."""
+    names: dict[str, None] = {}
+    for node, kind in selection.kinds.items():
+        for i in data_inputs(node, kind):
+            names[node.inputs[i].name] = None
+        for v in node.outputs:
+            if v.dtype == ir.DataType.FLOAT and (v.uses() or v.is_graph_output()):
+                names[v.name] = None
+    return list(names)
+
+
+def implies(qp: QParams, low: float, high: float) -> bool:
+    """Whether every value `qp` can represent lies within [low, high] (half a step of slack:
+    the clamp then changes nothing beyond rounding)."""
+    qmin, qmax = qp.qmin_qmax
+    scale, zero = float(qp.scale), int(qp.zero_point)
+    return (qmin - zero) * scale >= low - scale / 2 and (qmax - zero) * scale <= high + scale / 2
+
+
+class _Planner:
+    """Step 3 for one run: ranges -> qparams -> a NodePlan per selected node."""
+
+    def __init__(self, selection: Selection, ranges: Mapping[str, tuple[np.ndarray, np.ndarray]],
+                 config: StaticQuantize.Config, saturating_cpu: bool):
+        self.kinds = selection.kinds
+        self.ranges = ranges
+        self.config = config
+        self.saturating_cpu = saturating_cpu
+        self.qp: dict[ir.Value, QParams] = {}
+        self.bits: collections.Counter = collections.Counter()
+        self._ranges: dict[ir.Value, tuple[float, float]] = {}
+
+    def _free(self, value: ir.Value) -> bool:
+        """Whether a tensor's qparams may be chosen (its producer requantizes, or it is
+        quantized from float by a QuantizeLinear)."""
+        producer = value.producer()
+        return producer is None or producer not in self.kinds or self.kinds[producer].requantizes
+
+    def range_of(self, value: ir.Value) -> tuple[float, float]:
+        """The calibrated range of a tensor, or of the clamp / Concat it feeds (see module docstring)."""
+        if value not in self._ranges:
+            self._ranges[value] = self._range(value)
+        return self._ranges[value]
+
+    def _range(self, value: ir.Value) -> tuple[float, float]:
+        readers = [u.node for u in value.uses()]
+        if readers and not value.is_graph_output() and self._free(value):
+            if all(self.kinds.get(r) is Kind.CLAMP for r in readers):
+                bounds = {clip_bounds(r) for r in readers}
+                if len(bounds) == 1:
+                    (low, high), = bounds
+                    lo, hi = self.range_of(readers[0].outputs[0])
+                    return max(lo, low), min(hi, high)
+            if len(readers) == 1 and self.kinds.get(readers[0]) is Kind.CONCAT:
+                return self.range_of(readers[0].outputs[0])
+        if value.name not in self.ranges:
+            raise PassError(StaticQuantize.name, f"calibration returned no range for tensor {value.name!r}")
+        low, high = self.ranges[value.name]
+        return float(np.min(low)), float(np.max(high))
+
+    def activation(self, value: ir.Value) -> QParams:
+        low, high = self.range_of(value)
+        return QParams.from_range(low, high, dtype=self.config.activation_dtype,
+                                  symmetric=self.config.activation_symmetric)
+
+    def constant_qparams(self, array: np.ndarray) -> QParams:
+        return QParams.from_range(float(array.min()), float(array.max()), dtype=self.config.activation_dtype,
+                                  symmetric=self.config.activation_symmetric)
+
+    def weight_bits(self, node: ir.Node) -> int:
+        setting = self.config.weight_bits
+        if setting != "auto":
+            return int(setting)
+        if self.config.weight_dtype == "uint8" or is_depthwise(node) or not self.saturating_cpu:
+            return 8
+        return 7
+
+    def weight(self, node: ir.Node) -> QParams:
+        w = mac_weight(node)
+        bits = self.weight_bits(node)
+        self.bits[bits] += 1
+        dtype = self.config.weight_dtype
+        if not self.config.per_channel:
+            return QParams.from_range(float(w.min()), float(w.max()), dtype=dtype, symmetric=True, bits=bits)
+        axis = weight_axis(node)
+        others = tuple(a for a in range(w.ndim) if a != axis)
+        return QParams.from_range(w.min(axis=others), w.max(axis=others), dtype=dtype, symmetric=True,
+                                  bits=bits, axis=axis)
+
+    def plan(self, node: ir.Node) -> NodePlan:
+        kind = self.kinds[node]
+        inputs: dict[int, QParams] = {}
+        for i in data_inputs(node, kind):
+            value = node.inputs[i]
+            if value not in self.qp:
+                self.qp[value] = self.activation(value)
+            inputs[i] = self.qp[value]
+        outputs: dict[int, QParams] = {}
+        out = node.outputs[0]
+        if kind is Kind.MAC:
+            if constant(node.inputs[1]) is not None:
+                inputs[1] = self.weight(node)
+            read_8bit = any(u.node in self.kinds for u in out.uses())
+            if read_8bit or not uses_qgemm(node):
+                outputs[0] = self.activation(out)
+        elif kind is Kind.BINARY:
+            for i in (0, 1):
+                if i not in inputs:
+                    inputs[i] = self.constant_qparams(binary_constant(node, i))
+            outputs[0] = self.activation(out)
+        elif kind is Kind.CONCAT:
+            outputs[0] = self.activation(out)
+            for i in range(len(node.inputs)):
+                inputs.setdefault(i, outputs[0])
+        elif kind is Kind.SAME:
+            count = 1 if node.op_type == "MaxPool" else len(node.outputs)
+            for j in range(count):
+                outputs[j] = inputs[data_inputs(node, kind)[0]]
+        elif kind is Kind.CLAMP:
+            low, high = clip_bounds(node)
+            if implies(inputs[0], low, high):
+                kind, outputs[0] = Kind.FOLD, inputs[0]
+            else:
+                kind, outputs[0] = Kind.LUT, self.activation(out)
+        else:  # POOL, UNARY, SOFTMAX, LUT
+            outputs[0] = self.activation(out)
+        for j, qp in outputs.items():
+            self.qp[node.outputs[j]] = qp
+        return NodePlan(kind, inputs, outputs)
+
+
+@register_pass
+class StaticQuantize(Pass):
+    """Static int8 quantization: calibrate, annotate qparams, lower to integer kernels (lossy).
+
+    See the module docstring for the steps, the qparams rules and the u8s8 saturation
+    strategy (`weight_bits="auto"`: 7-bit weights on x86 CPUs without VNNI).
+    """
+
+    name = "quantize.static"
+    exact = False
+    requires = ("data",)
+    after = ("fold_batchnorm", "fuse_*", "prune.*", "cluster.*", "upgrade_opset")
+    version = 1
+
+    class Config(PassConfig):
+        #: calibration method of `observers.calibrate`
+        calibration: str = choice("minmax", "percentile", "entropy", "mse", default="minmax")
+        #: percentile kept by `calibration: percentile`
+        percentile: float = float_range(99.0, 100.0, default=99.99)
+        #: calibration samples taken from the data (the first ones)
+        samples: int = int_range(1, 100_000, default=256, log=True)
+        #: one weight scale per output channel (else one per tensor)
+        per_channel: bool = choice(True, False, default=True)
+        activation_dtype: str = choice("uint8", "int8", default="uint8")
+        activation_symmetric: bool = choice(False, True, default=False)
+        weight_dtype: str = choice("int8", "uint8", default="int8")
+        #: "auto": 7 on x86 CPUs without VNNI for kernels that would saturate, else 8
+        weight_bits: str | int = choice("auto", 7, 8, default="auto")
+        format: str = choice("qoperator", "qdq", default="qoperator")
+        #: op types to quantize (None: every op slimgraph can lower)
+        op_types: tuple[str, ...] | None = None
+        #: fnmatch patterns of node names, op types or torch module paths kept in float
+        exclude: tuple[str, ...] = ()
+
+    def run(self, model: Model, ctx: PassContext) -> PassResult:
+        cfg = self.config
+        if not ctx.data:
+            raise PassError(self.name, "needs calibration data (--data D.npz)")
+        data = sgdata.check(ctx.data, model, where="calibration data")
+        n = min(cfg.samples, sgdata.count(data))
+        data = {k: a[:n] for k, a in data.items()}
+        _infer_shapes(model)
+        model.graph.sort()
+        selection = select(model, cfg.exclude, cfg.op_types)
+        stats: dict = {"format": cfg.format, "calibration": cfg.calibration, "samples": n}
+        if not any(kind is not Kind.SAME for kind in selection.kinds.values()):
+            reasons = collections.Counter(selection.reasons.values()).most_common(3)
+            logger.warning("%s: nothing to quantize in this model (%s); it stays float", self.name,
+                           "; ".join(f"{r} ({k} nodes)" for r, k in reasons) or "no nodes")
+            return PassResult(model, modified=False, stats={**stats, "quantized": 0})
+        macs = _mac_coverage(model, selection)
+        from slimgraph.passes.quantize.observers import calibrate
+
+        ranges = calibrate(model, data, calibration_tensors(selection), method=cfg.calibration,
+                           percentile=cfg.percentile, progress=ctx.progress)
+        saturating = ctx.target == "cpu" and u8s8_saturates()
+        planner = _Planner(selection, ranges, cfg, saturating)
+        kinds = collections.Counter()
+        for node in selection.kinds:
+            plan = planner.plan(node)
+            clear_plan(node)
+            write_plan(node, plan)
+            kinds[plan.kind.value] += 1
+        islands = selection.islands()
+        if islands:
+            logger.warning(
+                "%s: %d node(s) stay float between 8-bit tensors (DequantizeLinear/QuantizeLinear around them): %s",
+                self.name, len(islands), "; ".join(f"{n.name or '?'} ({n.op_type}: {r})" for n, r in islands))
+        lowering = lower_qdq.lower if cfg.format == "qdq" else lower_qoperator.lower
+        emitted = lowering(model, owner=self.name)
+        stats.update({
+            "quantized": len(selection.kinds), "kinds": dict(kinds), "float_nodes": len(islands),
+            "weight_bits": dict(planner.bits), "integer_mac_fraction": macs, "emitted": emitted,
+        })
+        return PassResult(model, modified=True, stats=stats)
+
+
+def _infer_shapes(model: Model) -> None:
+    """Element types decide what can be quantized: make sure every value has one."""
+    from slimgraph.passes.cleanup.infer_shapes import InferShapes
+
+    missing = any(v.dtype is None for n in model.graph for v in n.outputs)
+    if missing:
+        InferShapes()(model)
+
+
+def _mac_coverage(model: Model, selection: Selection) -> float:
+    """Fraction of the Conv/Gemm/MatMul multiply-accumulates in selected nodes."""
+    macs = model.analysis("macs")
+    names = {n.name for n in model.graph if n.op_type in MAC_OPS}
+    total = sum(v for k, v in macs.items() if k in names)
+    done = sum(macs.get(n.name, 0) for n, kind in selection.kinds.items() if kind is Kind.MAC)
+    return round(done / total, 6) if total else (1.0 if not names else 0.0)
+
+
