@@ -276,6 +276,17 @@ def _value_types(graph: onnx.GraphProto) -> dict[str, str]:
     return out
 
 
+def _constant_types(graph: onnx.GraphProto) -> dict[str, tuple[str, tuple[int, ...]]]:
+    """{initializer name: (dtype as ORT's profile names it, shape)}, subgraphs included."""
+    out = {}
+    for g in [graph, *(a.g for n in _all_nodes(graph) for a in n.attribute if a.type == onnx.AttributeProto.GRAPH),
+              *(sub for n in _all_nodes(graph) for a in n.attribute for sub in a.graphs)]:
+        for t in g.initializer:
+            dtype = onnx.helper.tensor_dtype_to_string(t.data_type).removeprefix("TensorProto.").lower()
+            out[t.name] = (dtype, tuple(int(d) for d in t.dims))
+    return out
+
+
 def _describe_node(proto: onnx.ModelProto | None, op_type: str, name: str, domain: str | None = None) -> str:
     """`node 'conv1' (Conv, inputs x: double)`, found in the model when ORT gave no name."""
     if proto is None:
@@ -560,6 +571,12 @@ class RuntimeNode:
     graph: str = ""
     inputs: tuple[str, ...] = ()
     outputs: tuple[str, ...] = ()
+    #: element type of every input ("" for an absent optional one): from the profiling
+    #: run, else from the optimized graph's initializers and declarations; None: unknown.
+    input_dtypes: tuple[str | None, ...] = ()
+    #: shapes in the profiling run (None where not run or not reported)
+    input_shapes: tuple[tuple[int, ...] | None, ...] = ()
+    output_shapes: tuple[tuple[int, ...] | None, ...] = ()
 
     @property
     def kind(self) -> OpKind:
@@ -624,7 +641,8 @@ class RuntimeReport:
             "provider_counts": dict(self.provider_counts()),
             "kind_counts": dict(self.kind_counts()),
             "nodes": [
-                {**{k: v for k, v in dataclasses.asdict(n).items() if k not in ("inputs", "outputs")},
+                {**{k: v for k, v in dataclasses.asdict(n).items()
+                    if k not in ("inputs", "outputs", "input_shapes", "output_shapes")},
                  "kind": n.kind.value}
                 for n in self.nodes
             ],
@@ -733,12 +751,14 @@ def runtime_report(
     for name, evs in events.items():
         if name not in names:
             unmatched[evs[0]["args"].get("op_name", "")].append(evs)
+    declared = _value_types(optimized.graph)
+    constants = _constant_types(optimized.graph)
     nodes = []
     for index, (graph, node) in enumerate(walk):
         evs = events.get(node.name) if node.name else None
         if evs is None and unmatched.get(node.op_type):
             evs = unmatched[node.op_type].pop(0)
-        nodes.append(_runtime_node(node, graph, index, evs, assigned.get(node.name) or only))
+        nodes.append(_runtime_node(node, graph, index, evs, assigned.get(node.name) or only, declared, constants))
     return RuntimeReport(nodes, optimized, list(sess.get_providers()), optimization)
 
 
@@ -753,18 +773,57 @@ def _profile(sess: ort.InferenceSession, feeds, runs: int, where: str) -> dict[s
     return _profile_events(sess.end_profiling())
 
 
+def _type_shapes(entries: Any) -> list[tuple[str | None, tuple[int, ...] | None]]:
+    """ORT's profile lists each tensor as {dtype: shape}."""
+    out = []
+    for entry in entries or []:
+        if isinstance(entry, dict) and len(entry) == 1:
+            dtype, shape = next(iter(entry.items()))
+            out.append((dtype, tuple(int(d) for d in shape) if isinstance(shape, list) else None))
+        else:
+            out.append((None, None))
+    return out
+
+
 def _runtime_node(
     node: onnx.NodeProto, graph: str, index: int, events: list[dict] | None, fallback: str | None,
+    declared: Mapping[str, str] | None = None,
+    constants: Mapping[str, tuple[str, tuple[int, ...]]] | None = None,
 ) -> RuntimeNode:
-    provider, dtype, time_us = fallback, None, None
+    provider, time_us = fallback, None
+    profiled: list[tuple[str | None, tuple[int, ...] | None]] = []
+    outputs: list[tuple[str | None, tuple[int, ...] | None]] = []
     if events:
         args = events[-1].get("args", {})
         provider = args.get("provider") or provider
-        shapes = args.get("input_type_shape") or []
-        dtype = next(iter(shapes[0]), None) if shapes and isinstance(shapes[0], dict) else None
+        profiled = _type_shapes(args.get("input_type_shape"))
+        outputs = _type_shapes(args.get("output_type_shape"))
         time_us = statistics.median(float(e.get("dur", 0)) for e in events)
+    # ORT's profile skips absent optional inputs and the constant weights a kernel has
+    # pre-packed: line the reported entries up with the names, taking an initializer's
+    # entry only when dtype and shape match it.
+    declared = declared or {}
+    constants = constants or {}
+    dtypes: list[str | None] = []
+    shapes: list[tuple[int, ...] | None] = []
+    at = 0
+    for name in node.input:
+        if not name:
+            dtypes.append("")
+            shapes.append(None)
+            continue
+        entry = profiled[at] if at < len(profiled) else (None, None)
+        if name in constants:
+            dtype, shape = constants[name]
+            at += entry == (dtype, shape)
+        else:
+            dtype, shape = entry[0] or declared.get(name), entry[1]
+            at += 1
+        dtypes.append(dtype)
+        shapes.append(shape)
     return RuntimeNode(
         name=node.name or f"{node.op_type}_{index}", op_type=node.op_type, domain=node.domain,
-        provider=provider, input_dtype=dtype, time_us=time_us, graph=graph.rstrip("/"),
-        inputs=tuple(node.input), outputs=tuple(node.output),
+        provider=provider, input_dtype=profiled[0][0] if profiled else None, time_us=time_us,
+        graph=graph.rstrip("/"), inputs=tuple(node.input), outputs=tuple(node.output),
+        input_dtypes=tuple(dtypes), input_shapes=tuple(shapes), output_shapes=tuple(s for _, s in outputs),
     )
