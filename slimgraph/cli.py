@@ -1,8 +1,10 @@
 """The `slimgraph` command.
 
     slimgraph inspect MODEL [--json]
+    slimgraph inspect MODEL --runtime [--provider cpu|cuda] [--data D.npz] [--json]
     slimgraph passes [--json]
     slimgraph run MODEL -p PIPELINE -o OUT [--data D.npz] [--verify] [--report R.md]
+    slimgraph quantize MODEL --data calib.npz -o OUT [--format qoperator|qdq] [--report R.md] [--verify]
     slimgraph bench MODEL [MODEL ...] [--threads N] [--runs N] [--json]
     slimgraph compare A B [--data D.npz]
 
@@ -23,7 +25,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from slimgraph.errors import DataError, SlimgraphError
+from slimgraph.errors import DataError, PipelineError, SlimgraphError
 
 out = Console(highlight=False)
 err = Console(stderr=True, highlight=False)
@@ -31,6 +33,8 @@ err = Console(stderr=True, highlight=False)
 EXAMPLES = """\
 examples:
   slimgraph inspect model.onnx
+  slimgraph inspect model.int8.onnx --runtime --data samples.npz
+  slimgraph quantize model.onnx --data calib.npz -o model.int8.onnx --verify
   slimgraph run model.onnx -p cleanup,fuse -o model.slim.onnx --verify --report report.md
   slimgraph run model.onnx -p "cleanup,fold_batchnorm,upgrade_opset(target=21)" -o out.onnx
   slimgraph bench model.onnx model.slim.onnx --threads 2 --runs 50
@@ -69,7 +73,13 @@ def _human(n: float) -> str:
 def cmd_inspect(args) -> int:
     from slimgraph.ir import load, summary
 
+    if not args.runtime:
+        extra = [f"--{k}" for k in ("provider", "data", "shape") if getattr(args, k) not in (None, "cpu")]
+        if extra:
+            raise DataError(f"{' and '.join(extra)} only appl{'ies' if len(extra) == 1 else 'y'} to inspect --runtime")
     model = load(args.model)
+    if args.runtime:
+        return _inspect_runtime(model, args)
     info = summary(model)
     info["file"] = str(args.model)
     info["file_bytes"] = Path(args.model).stat().st_size
@@ -88,6 +98,60 @@ def cmd_inspect(args) -> int:
     t.add_row("ops", ", ".join(f"{k}×{v}" for k, v in info["op_counts"].items()))
     out.print(t)
     return 0
+
+
+def _inspect_runtime(model, args) -> int:
+    from slimgraph import data as sgdata
+    from slimgraph.backends import runtime_check
+
+    data = feeds = None
+    if args.data:
+        data, _ = _inputs(model, args)
+    elif args.shape:
+        feeds = sgdata.generate(model, 1, overrides=sgdata.parse_shape_overrides(args.shape), seed=0)
+
+    def warn(pitfall) -> None:  # printed as found, before ORT runs the model
+        err.print(f"[bold yellow]slimgraph: warning:[/] {pitfall.message}", soft_wrap=True)
+
+    check = runtime_check.check_runtime(model, provider=args.provider, data=data, feeds=feeds,
+                                        on_warning=(lambda p: None) if args.json else warn)
+    if args.json:
+        out.print_json(json.dumps({"file": str(args.model), **check.as_dict()}))
+        return 0
+    import onnxruntime
+
+    cpu = check.cpu
+    vnni = {True: "VNNI", False: "no VNNI", None: "VNNI unknown"}[cpu.vnni]
+    t = Table(title=f"{args.model}: what ONNX Runtime {onnxruntime.__version__} runs "
+                    f"({args.provider}; {cpu.model or cpu.arch}, {vnni})")
+    for c in ("node", "kernel", "provider", "kind", "input dtypes", "time", "MACs"):
+        t.add_column(c, justify="right" if c in ("time", "MACs") else "left")
+    for n in check.nodes:
+        t.add_row(n.name, n.qualified_op, (n.provider or "?").removesuffix("ExecutionProvider"), n.kind.value,
+                  ",".join(d for d in n.input_dtypes if d) or "?", _percent(n.time_share),
+                  _human(n.macs) if n.macs else "")
+    out.print(t)
+    if check.islands:
+        t = Table(title=f"{len(check.islands)} float island(s)")
+        for c in ("#", "nodes", "time", "MACs", "why it runs in float"):
+            t.add_column(c, justify="right" if c in ("#", "time", "MACs") else "left")
+        for i, island in enumerate(check.islands, 1):
+            names = ", ".join(island.nodes[:3]) + (f" +{len(island.nodes) - 3} more" if len(island.nodes) > 3 else "")
+            t.add_row(str(i), names, _percent(island.time_share), _human(island.macs) if island.macs else "",
+                      "\n".join(island.reasons))
+        out.print(t)
+    share = check.integer_mac_share
+    out.print(
+        f"Conv/Gemm/MatMul MACs in integer kernels: {_percent(share) if share is not None else 'none measured'}"
+        f" ({_human(check.integer_macs)} of {_human(check.integer_macs + check.float_macs)}); "
+        f"QuantizeLinear: {check.quantize_nodes} ({check.quantize_at_inputs} at model inputs); "
+        f"DequantizeLinear: {check.dequantize_nodes} ({check.dequantize_at_outputs} at model outputs); "
+        f"float islands: {len(check.islands)}; warnings: {len(check.pitfalls)}")
+    return 0
+
+
+def _percent(share: float | None) -> str:
+    return "" if share is None else f"{share:.1%}"
 
 
 def cmd_passes(args) -> int:
@@ -151,6 +215,24 @@ def cmd_run(args) -> int:
         out.print(result.report.to_rich(changed_only=not args.verbose))
         out.print(f"wrote {dst} ({dst.stat().st_size:,} bytes)")
     return 0
+
+
+#: `slimgraph quantize --format` -> the built-in recipe it runs
+QUANTIZE_RECIPES = {"qoperator": "int8", "qdq": "int8-qdq"}
+
+
+def cmd_quantize(args) -> int:
+    from slimgraph.passes.pipeline import recipe_names
+
+    if not args.data:
+        raise DataError(f"{args.model}: quantization needs calibration data: pass --data calib.npz "
+                        "(keys = the model's input names, arrays [N, ...]; a few hundred real samples)")
+    recipe = QUANTIZE_RECIPES[args.format]
+    if recipe not in recipe_names():
+        raise PipelineError(f"the {recipe!r} recipe is not in this slimgraph installation "
+                            f"(recipes: {', '.join(recipe_names())}); update slimgraph")
+    args.pipeline, args.shape = recipe, None
+    return cmd_run(args)
 
 
 def cmd_bench(args) -> int:
@@ -227,9 +309,22 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("--shape", action="append", metavar="NAME=1x3x224x224",
                         help="shape for generated inputs (dynamic dims default to 1); repeatable")
 
-    sp = sub.add_parser("inspect", help="opset, inputs/outputs, op counts, params, bytes, MACs")
+    sp = sub.add_parser(
+        "inspect", help="opset, inputs/outputs, op counts, params, bytes, MACs; --runtime: what ORT runs",
+        description="Show what MODEL is: opset, inputs/outputs, op counts, parameters, bytes, MACs. With "
+        "--runtime, show what ONNX Runtime executes after its own optimizations: per node the kernel, "
+        "provider, integer/float kind, input dtypes and share of profiled time; every float island and "
+        "why it stays float; and, before running, warnings for known ORT pitfalls on this CPU (S8S8 "
+        "QOperator on x86, u8s8 saturation without VNNI, ConvInteger with int8 weights).")
     sp.add_argument("model")
     sp.add_argument("--json", action="store_true", help="machine-readable output")
+    sp.add_argument("--runtime", action="store_true",
+                    help="profile the model in ORT: kernels, float islands and why, pitfall warnings")
+    sp.add_argument("--provider", choices=["cpu", "cuda"], default="cpu", help="with --runtime (default cpu)")
+    sp.add_argument("--data", metavar="D.npz", help="with --runtime: inputs for the profiling run; "
+                    "8-bit activation ranges are observed on them for the saturation check")
+    sp.add_argument("--shape", action="append", metavar="NAME=1x3x224x224",
+                    help="with --runtime and no --data: shape of the generated input; repeatable")
     sp.set_defaults(fn=cmd_inspect)
 
     sp = sub.add_parser("passes", help="list registered passes and built-in recipes")
@@ -253,6 +348,27 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("-q", "--quiet", action="store_true", help="no progress bar or table")
     sp.add_argument("-v", "--verbose", action="store_true", help="list passes that changed nothing too")
     sp.set_defaults(fn=cmd_run)
+
+    sp = sub.add_parser(
+        "quantize", help="int8-quantize with calibration data (shortcut for run -p int8)",
+        description="Quantize MODEL to int8, calibrated on --data: the same as `slimgraph run MODEL -p int8 "
+        "--data calib.npz -o OUT` (--format qdq: -p int8-qdq, QuantizeLinear/DequantizeLinear pairs for "
+        "runtimes that fuse them themselves).")
+    sp.add_argument("model")
+    sp.add_argument("-o", "--output", required=True, help="where to write the quantized model (never the input)")
+    sp.add_argument("--data", metavar="calib.npz",
+                    help="calibration inputs (required): keys = model input names, arrays [N, ...]")
+    sp.add_argument("--format", choices=sorted(QUANTIZE_RECIPES), default="qoperator",
+                    help="qoperator: integer ORT kernels end to end (recipe int8, default); qdq: recipe int8-qdq")
+    sp.add_argument("--verify", action="store_true",
+                    help="check structure after every pass and measure the output error against the input model")
+    sp.add_argument("--report", metavar="R.md", help="write the per-pass report as markdown")
+    sp.add_argument("--tolerance", type=float, default=1e-5, help="max relative output change of exact passes")
+    sp.add_argument("--dump-dir", metavar="DIR", help="where to save a failing pass's input and reproducer")
+    sp.add_argument("--seed", type=int, default=0)
+    sp.add_argument("-q", "--quiet", action="store_true", help="no progress bar or table")
+    sp.add_argument("-v", "--verbose", action="store_true", help="list passes that changed nothing too")
+    sp.set_defaults(fn=cmd_quantize)
 
     sp = sub.add_parser("bench", help="ORT latency of one or more models (interleaved, median)")
     sp.add_argument("models", nargs="+")

@@ -41,6 +41,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
+from slimgraph import data as sg_data
 from slimgraph.backends import ort
 from slimgraph.backends.op_kinds import OpKind, base_op, integer_kernels, op_kind, signature
 
@@ -556,7 +557,7 @@ def check_runtime(
     for p in found:
         (on_warning or (lambda p: logger.warning("%s", p.message)))(p)
     if feeds is None and data is not None:
-        feeds = _first_sample(data)
+        feeds = sg_data.sample(data, _input_ranks(static), 0)
     report = ort.runtime_report(model, provider=provider, feeds=feeds, profile_runs=profile_runs, threads=threads)
     return _assemble(report, found, cpu, provider, _source(model))
 
@@ -567,8 +568,9 @@ def _source(model: ort.ModelSource) -> str:
     return getattr(model, "source", None) or f"<{type(model).__name__}>"
 
 
-def _first_sample(data: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-    return {k: np.asarray(v)[:1] for k, v in data.items()}
+def _input_ranks(report: ort.RuntimeReport) -> dict[str, int]:
+    graph = report.optimized_model.graph
+    return {v.name: len(v.type.tensor_type.shape.dim) for v in graph.input}
 
 
 def _assemble(report: ort.RuntimeReport, found: list[Pitfall], cpu: CpuInfo, provider: str, source: str) -> RuntimeCheck:
@@ -631,10 +633,8 @@ def observe_activation_ranges(
     names = [o.name for o in sess.get_outputs()]
     lo: dict[str, int] = {}
     hi: dict[str, int] = {}
-    n = min(samples, min((len(v) for v in data.values() if np.ndim(v)), default=1))
-    from slimgraph import data as sg_data
-
-    ranks = {i.name: len(i.shape) for i in sess.get_inputs()}
+    n = min(samples, sg_data.count(data))
+    ranks = _input_ranks(report)
     for i in range(n):
         feeds = ort.check_feeds(sess, sg_data.sample(data, ranks, i), allow_extra=True)
         for name, value in zip(names, sess.run(names, feeds)):

@@ -84,7 +84,7 @@ def test_bench_two_models(model_path, capsys):
     assert len(stats) == 2 and all(v["median"] > 0 for v in stats.values())
 
 
-@pytest.mark.parametrize("command", ["inspect", "passes", "run", "bench", "compare"])
+@pytest.mark.parametrize("command", ["inspect", "passes", "run", "quantize", "bench", "compare"])
 def test_every_command_has_help(command, capsys):
     with pytest.raises(SystemExit) as e:
         main([command, "--help"])
@@ -168,3 +168,118 @@ def test_output_may_not_overwrite_input(model_path, capsys):
 def test_debug_shows_traceback(tmp_path):
     with pytest.raises(Exception, match="no such file"):
         main(["--debug", "inspect", str(tmp_path / "nope.onnx")])
+
+
+# --- inspect --runtime ------------------------------------------------------------------------
+QOPERATOR = """
+<ir_version: 10, opset_import: ["" : 21]>
+g (float[1,4,8,8] x) => (float[1,8,8,8] y) {
+    xq = QuantizeLinear(x, s, z)
+    c = QLinearConv<pads=[1,1,1,1]>(xq, s, z, w, ws, wz, s, z)
+    y = DequantizeLinear(c, s, z)
+}
+"""
+
+
+def qoperator_model(tmp_path, weights):
+    proto = onnx.parser.parse_model(QOPERATOR)
+    for name, value in {"s": np.array(0.02, np.float32), "z": np.array(128, np.uint8), "w": weights,
+                        "ws": np.array(0.01, np.float32), "wz": np.array(0, np.int8)}.items():
+        proto.graph.initializer.append(onnx.numpy_helper.from_array(value, name))
+    path = tmp_path / "q.onnx"
+    onnx.save(proto, path)
+    return path
+
+
+@pytest.fixture
+def wide(monkeypatch):
+    """Tables on one line per row, so a test can look for whole sentences."""
+    import slimgraph.cli as cli
+    from rich.console import Console
+
+    monkeypatch.setattr(cli, "out", Console(highlight=False, width=400))
+
+
+@pytest.fixture
+def no_vnni(monkeypatch):
+    from slimgraph.backends import runtime_check
+
+    cpu = runtime_check.CpuInfo("x86_64", frozenset({"avx2"}), "test CPU")
+    monkeypatch.setattr(runtime_check, "cpu_info", lambda *a: cpu)
+
+
+def test_inspect_runtime_json(tmp_path, capsys, no_vnni):
+    weights = np.random.default_rng(0).integers(-60, 60, (8, 4, 3, 3)).astype(np.int8)
+    code, out, _ = run_cli(capsys, "inspect", qoperator_model(tmp_path, weights), "--runtime", "--json")
+    assert code == 0
+    info = json.loads(out)
+    assert info["float_islands"] == [] and info["pitfalls"] == [] and info["integer_mac_share"] == 1.0
+    assert {"QuantizeLinear", "QLinearConv", "DequantizeLinear"} <= {n["op"] for n in info["nodes"]}
+    assert info["quantize_at_inputs"] == 1 and info["dequantize_at_outputs"] == 1
+    assert info["cpu"]["vnni"] is False
+
+
+def test_inspect_runtime_warns_on_stderr(tmp_path, capsys, no_vnni, wide):
+    weights = np.full((8, 4, 3, 3), 127, np.int8)
+    data = tmp_path / "d.npz"
+    np.savez(data, x=np.random.default_rng(0).uniform(0, 2.5, (4, 4, 8, 8)).astype(np.float32))
+    code, out, err = run_cli(capsys, "inspect", qoperator_model(tmp_path, weights), "--runtime", "--data", data)
+    assert code == 0
+    warning = " ".join(err.split())
+    assert "slimgraph: warning: this CPU has no VNNI: u8s8 kernels can saturate int16 pair sums" in warning
+    assert "observed" in warning  # activation range measured on --data
+    assert "what ONNX Runtime" in out and "MACs in integer kernels: 100.0%" in out
+
+
+def test_inspect_runtime_lists_float_islands_with_reasons(model_path, capsys, wide):
+    code, out, _ = run_cli(capsys, "inspect", model_path, "--runtime")
+    assert code == 0
+    assert "1 float island(s)" in out
+    assert "MatMul 'MatMul_2' reads the float model input 'x': no QuantizeLinear before it" in out
+
+
+def test_runtime_options_need_runtime(model_path, tmp_path, capsys):
+    assert_bad_input(capsys, ["inspect", model_path, "--data", tmp_path / "d.npz"], "--data", "inspect --runtime")
+
+
+# --- quantize ---------------------------------------------------------------------------------
+def test_quantize_without_data_says_calibration_data_is_needed(model_path, tmp_path, capsys):
+    out_path = tmp_path / "q.onnx"
+    code, _, err = run_cli(capsys, "quantize", model_path, "-o", out_path)
+    assert code == 2
+    assert len(err.strip().splitlines()) == 1, err
+    assert "calibration data" in err and "--data" in err and "m.onnx" in err
+    assert not out_path.exists()
+
+
+@pytest.mark.parametrize("argv, mention", [
+    (["--format", "int4"], "invalid choice: 'int4'"),
+    ([], "required: -o/--output"),
+])
+def test_quantize_argument_errors(model_path, capsys, argv, mention):
+    with pytest.raises(SystemExit) as e:
+        main(["quantize", str(model_path), *argv, *([] if not argv else ["-o", "x.onnx"])])
+    assert e.value.code == 2
+    assert mention in capsys.readouterr().err
+
+
+def test_quantize_maps_to_the_recipe_of_its_format(model_path, tmp_path, capsys, monkeypatch):
+    import slimgraph.cli as cli
+    from slimgraph.passes import pipeline
+
+    seen = []
+    monkeypatch.setattr(pipeline, "recipe_names", lambda: ["cleanup", "int8", "int8-qdq"])
+    monkeypatch.setattr(cli, "cmd_run", lambda args: seen.append((args.pipeline, args.data, args.output)) or 0)
+    data = tmp_path / "d.npz"
+    for fmt, recipe in (("qoperator", "int8"), ("qdq", "int8-qdq")):
+        assert run_cli(capsys, "quantize", model_path, "--data", data, "-o", tmp_path / "q.onnx", "--format", fmt)[0] == 0
+        assert seen[-1] == (recipe, str(data), str(tmp_path / "q.onnx"))
+
+
+def test_quantize_names_a_missing_recipe(model_path, tmp_path, capsys, monkeypatch):
+    from slimgraph.passes import pipeline
+
+    monkeypatch.setattr(pipeline, "recipe_names", lambda: ["cleanup"])
+    out_path = tmp_path / "q.onnx"
+    assert_bad_input(capsys, ["quantize", model_path, "--data", tmp_path / "d.npz", "-o", out_path, "--format", "qdq"],
+                     "'int8-qdq' recipe", out_path=out_path)
