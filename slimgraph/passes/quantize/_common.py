@@ -96,7 +96,7 @@ class Emitter:
 
     def constant(self, array: np.ndarray, base: str) -> ir.Value:
         """An initializer holding `array`; small ones are shared between uses."""
-        array = np.ascontiguousarray(array)
+        array = np.array(array, order="C", copy=True)  # ascontiguousarray would make 0-d arrays 1-d
         key = None
         if array.size <= _DEDUP_ELEMENTS:
             key = (array.dtype.str, array.shape, array.tobytes())
@@ -161,6 +161,17 @@ class Emitter:
         for i, v in enumerate(outputs):
             if v is value:
                 outputs[i] = replacement
+
+    def remove_dead(self) -> int:
+        """Remove nodes this emitter created whose outputs nothing reads; returns how many."""
+        removed = 0
+        for node in reversed(self.created):
+            if node.graph is self.graph and not any(v.uses() or v.is_graph_output() for v in node.outputs):
+                inputs = [v for v in node.inputs if v is not None]
+                self.graph.remove(node, safe=True)
+                self.remove_unused_initializers(inputs)
+                removed += 1
+        return removed
 
     def remove_unused_initializers(self, candidates: Iterable[ir.Value]) -> int:
         """Drop those of `candidates` (initializers) nothing reads any more."""

@@ -17,9 +17,16 @@ op to op:
 5. SAME: the op itself on the 8-bit tensor (its output keeps the input's qparams); a Pad
    value is quantized with them.
 6. FOLD: a Relu/Clip whose bounds the input's qparams imply: no node, the output is the
-   input's 8-bit tensor.
-7. LUT: `Gather(table, Cast(q, int32))` with an exact table (`lut.py`); chains of tables
-   are then composed into one.
+   input's 8-bit tensor; CLAMP: one the output's qparams imply: QLinearLeakyRelu with
+   alpha = 1 (a requantization, whose saturation is the clamp); RESCALE: Mul/Div by a
+   positive scalar: no node, the input's bytes read at scale s * c.
+7. LUT: a GatherElements lookup of an exact table (`lut.py`); a table applied to another
+   table's only output is composed with it into one.
+8. COMPOSITE: HardSigmoid(x) = QLinearAdd(x, beta / alpha) requantized to s_y / alpha and
+   read at s_y; HardSwish(x) = QLinearMul(x, that HardSigmoid at scale 1/255);
+   x sigmoid(alpha x) (SiLU, QuickGelu, Swish) = QLinearMul(x, QLinearSigmoid(x read at
+   scale alpha * s)). Each rounding step is an 8-bit requantization: within one output
+   step of the exact table, about 5x faster than a lookup in ORT.
 
 A float value feeding a planned node gets one QuantizeLinear (shared by all its 8-bit
 readers); a lowered value read by a float node or a graph output gets one
@@ -46,6 +53,7 @@ from slimgraph.passes.quantize._common import (
     same_qparams,
 )
 from slimgraph.passes.quantize._ops import (
+    COMPOSITE_DEFAULTS,
     MS_DOMAIN,
     UNARY_QOPS,
     Kind,
@@ -77,8 +85,10 @@ class _QOperator:
         self.qval: dict[ir.Value, ir.Value] = {}  # float value -> its 8-bit tensor
         self.qps: dict[ir.Value, QParams] = {}  # float value -> qparams of that tensor
         self.fval: dict[ir.Value, ir.Value] = {}  # float value -> float output of an integer op
-        self.casts: dict[ir.Value, ir.Value] = {}
+        self.indices: dict = {}  # 8-bit tensor -> its lookup index (lut.emit's cache)
         self.tables: dict[ir.Node, np.ndarray] = {}
+        #: 8-bit output of a lookup -> (its table, the 8-bit tensor it looks up)
+        self.lookups: dict[ir.Value, tuple[np.ndarray, ir.Value]] = {}
         self.counts: collections.Counter = collections.Counter()
 
     # -- the walk ---------------------------------------------------------------------------
@@ -92,7 +102,8 @@ class _QOperator:
         handlers = {
             Kind.MAC: self._mac, Kind.BINARY: self._binary, Kind.CONCAT: self._concat,
             Kind.POOL: self._pool, Kind.UNARY: self._unary, Kind.SOFTMAX: self._softmax,
-            Kind.SAME: self._same, Kind.FOLD: self._fold, Kind.LUT: self._lut,
+            Kind.SAME: self._same, Kind.FOLD: self._fold, Kind.LUT: self._lut, Kind.CLAMP: self._clamp,
+            Kind.RESCALE: self._rescale, Kind.COMPOSITE: self._composite,
         }
         for node, plan in planned:
             if plan.kind not in handlers:
@@ -104,7 +115,7 @@ class _QOperator:
         old_constants = [v for node in lowered for v in node.inputs if v is not None and v.is_initializer()]
         graph.remove(lowered, safe=True)
         self.emit.remove_unused_initializers(old_constants)
-        self.counts["tables composed"] = lut.compose_chains(self.emit)
+        self.counts["dead nodes removed"] = self.emit.remove_dead()
         graph.sort()
         self.counts["lowered"] = len(lowered)
         return dict(self.counts)
@@ -248,10 +259,68 @@ class _QOperator:
         self.qval[node.outputs[0]], self.qps[node.outputs[0]] = xq, plan.inputs[0]
         self.counts["folded clamps"] += 1
 
+    def _clamp(self, node: ir.Node, plan: NodePlan) -> None:  # case 6
+        """Requantize to the output range, which implies the bounds (saturation clamps)."""
+        self._single(node, plan, "QLinearLeakyRelu", {"alpha": 1.0})
+
+    def _rescale(self, node: ir.Node, plan: NodePlan) -> None:  # case 6
+        i = data_inputs(node, Kind.RESCALE)[0]
+        xq = self.quantized(node.inputs[i], plan.inputs[i], node)
+        self.qval[node.outputs[0]], self.qps[node.outputs[0]] = xq, plan.outputs[0]
+        self.counts["rescaled"] += 1
+
+    def _composite(self, node: ir.Node, plan: NodePlan) -> None:  # case 8
+        x, out = node.inputs[0], node.outputs[0]
+        xqp, yqp = plan.inputs[0], plan.outputs[0]
+        xq = self.quantized(x, xqp, node)
+        op = node.op_type
+        if op == "HardSigmoid":
+            alpha = node.attributes.get_float("alpha", COMPOSITE_DEFAULTS[op])
+            beta = node.attributes.get_float("beta", 0.5)
+            self._result(node, 0, self._hard_sigmoid(node, xq, xqp, alpha, beta, yqp), yqp)
+            return
+        unit = QParams.from_range(0.0, 1.0, dtype=yqp.dtype)
+        if op == "HardSwish":
+            gate = self._hard_sigmoid(node, xq, xqp, 1.0 / 6.0, 0.5, unit)
+        else:  # x sigmoid(alpha x): QLinearSigmoid reads x at scale alpha * s
+            alpha = node.attributes.get_float("alpha", COMPOSITE_DEFAULTS[op])
+            scaled = QParams(xqp.scale * np.float32(alpha), xqp.zero_point, xqp.dtype)
+            gate = self.emit.node(
+                "QLinearSigmoid", [xq, *self.emit.qparams(scaled, f"{x.name}_scaled"),
+                                   *self.emit.qparams(unit, f"{out.name}_gate")],
+                [(f"{out.name}_gate", unit.ir_dtype, x.shape)], domain=MS_DOMAIN, source=node, before=node).outputs[0]
+            self.counts["com.microsoft:QLinearSigmoid"] += 1
+        inputs = [xq, *self.emit.qparams(xqp, x.name), gate, *self.emit.qparams(unit, f"{out.name}_gate"),
+                  *self.emit.qparams(yqp, out.name)]
+        self._op(node, "QLinearMul", inputs, yqp, domain=MS_DOMAIN)
+
+    def _hard_sigmoid(self, node: ir.Node, xq: ir.Value, xqp: QParams, alpha: float, beta: float,
+                      yqp: QParams) -> ir.Value:
+        """clip(alpha x + beta, 0, 1) at `yqp`: x + beta / alpha requantized to scale
+        s_y / alpha (its saturation is the clip), then read at s_y."""
+        shift = np.float32(beta / alpha)
+        cqp = QParams.from_range(min(float(shift), 0.0), max(float(shift), 0.0), dtype=xqp.dtype)
+        c = self.emit.constant(cqp.quantize(shift), f"{node.name}_shift")
+        tqp = QParams(yqp.scale / np.float32(alpha), yqp.zero_point, yqp.dtype)
+        inputs = [xq, *self.emit.qparams(xqp, node.inputs[0].name), c, *self.emit.qparams(cqp, f"{node.name}_shift"),
+                  *self.emit.qparams(tqp, f"{node.outputs[0].name}_shifted")]
+        added = self.emit.node("QLinearAdd", inputs, [(f"{node.outputs[0].name}_hard_sigmoid", yqp.ir_dtype,
+                                                       node.inputs[0].shape)],
+                               domain=MS_DOMAIN, source=node, before=node)
+        self.counts["com.microsoft:QLinearAdd"] += 1
+        return added.outputs[0]
+
     def _lut(self, node: ir.Node, plan: NodePlan) -> None:  # case 7
         i = data_inputs(node, Kind.LUT)[0]
-        xq = self.quantized(node.inputs[i], plan.inputs[i], node)
-        out = lut.emit(self.emit, node, xq, self.tables[node], node.outputs[0], self.casts)
+        x = node.inputs[i]
+        xq = self.quantized(x, plan.inputs[i], node)
+        table = self.tables[node]
+        if xq in self.lookups and len(x.uses()) == 1 and not x.is_graph_output():
+            first, xq = self.lookups[xq]  # a table of a table: one lookup (the first one goes dead)
+            table = lut.compose(first, table)
+            self.counts["tables composed"] += 1
+        out = lut.emit(self.emit, node, xq, table, node.outputs[0], self.indices)
+        self.lookups[out] = (table, xq)
         self.qval[node.outputs[0]], self.qps[node.outputs[0]] = out, plan.outputs[0]
         self.counts["tables"] += 1
 

@@ -71,6 +71,7 @@ from slimgraph.passes.quantize._ops import (
     data_inputs,
     is_depthwise,
     mac_weight,
+    rescale_factor,
     uses_qgemm,
 )
 from slimgraph.passes.quantize.qparams import QParams
@@ -257,8 +258,13 @@ class _Planner:
             if implies(inputs[0], low, high):
                 kind, outputs[0] = Kind.FOLD, inputs[0]
             else:
-                kind, outputs[0] = Kind.LUT, self.activation(out)
-        else:  # POOL, UNARY, SOFTMAX, LUT
+                outputs[0] = self.activation(out)
+                kind = Kind.CLAMP if implies(outputs[0], low, high) else Kind.LUT
+        elif kind is Kind.RESCALE:
+            qp = inputs[data_inputs(node, kind)[0]]
+            outputs[0] = QParams((qp.scale * np.float32(rescale_factor(node))).astype(np.float32),
+                                 qp.zero_point, qp.dtype, qp.axis, qp.bits)
+        else:  # POOL, UNARY, SOFTMAX, LUT, COMPOSITE
             outputs[0] = self.activation(out)
         for j, qp in outputs.items():
             self.qp[node.outputs[j]] = qp
@@ -299,7 +305,9 @@ class StaticQuantize(Pass):
         #: fnmatch patterns of node names, op types or torch module paths kept in float
         exclude: tuple[str, ...] = ()
 
-    def run(self, model: Model, ctx: PassContext) -> PassResult:
+    def plan(self, model: Model, ctx: PassContext) -> dict | None:
+        """Steps 1-3: select, calibrate and annotate the plan on the nodes (no lowering).
+        Returns statistics, or None when nothing in the model can be quantized."""
         cfg = self.config
         if not ctx.data:
             raise PassError(self.name, "needs calibration data (--data D.npz)")
@@ -308,24 +316,23 @@ class StaticQuantize(Pass):
         data = {k: a[:n] for k, a in data.items()}
         _infer_shapes(model)
         model.graph.sort()
+        for node in model.graph:
+            clear_plan(node)
         selection = select(model, cfg.exclude, cfg.op_types)
-        stats: dict = {"format": cfg.format, "calibration": cfg.calibration, "samples": n}
         if not any(kind is not Kind.SAME for kind in selection.kinds.values()):
             reasons = collections.Counter(selection.reasons.values()).most_common(3)
             logger.warning("%s: nothing to quantize in this model (%s); it stays float", self.name,
                            "; ".join(f"{r} ({k} nodes)" for r, k in reasons) or "no nodes")
-            return PassResult(model, modified=False, stats={**stats, "quantized": 0})
-        macs = _mac_coverage(model, selection)
+            return None
         from slimgraph.passes.quantize.observers import calibrate
 
         ranges = calibrate(model, data, calibration_tensors(selection), method=cfg.calibration,
-                           percentile=cfg.percentile, progress=ctx.progress)
-        saturating = ctx.target == "cpu" and u8s8_saturates()
-        planner = _Planner(selection, ranges, cfg, saturating)
+                           percentile=cfg.percentile, symmetric=cfg.activation_symmetric,
+                           progress=ctx.progress)
+        planner = _Planner(selection, ranges, cfg, saturating_cpu=ctx.target == "cpu" and u8s8_saturates())
         kinds = collections.Counter()
         for node in selection.kinds:
             plan = planner.plan(node)
-            clear_plan(node)
             write_plan(node, plan)
             kinds[plan.kind.value] += 1
         islands = selection.islands()
@@ -333,12 +340,19 @@ class StaticQuantize(Pass):
             logger.warning(
                 "%s: %d node(s) stay float between 8-bit tensors (DequantizeLinear/QuantizeLinear around them): %s",
                 self.name, len(islands), "; ".join(f"{n.name or '?'} ({n.op_type}: {r})" for n, r in islands))
-        lowering = lower_qdq.lower if cfg.format == "qdq" else lower_qoperator.lower
-        emitted = lowering(model, owner=self.name)
-        stats.update({
-            "quantized": len(selection.kinds), "kinds": dict(kinds), "float_nodes": len(islands),
-            "weight_bits": dict(planner.bits), "integer_mac_fraction": macs, "emitted": emitted,
-        })
+        return {
+            "calibration": cfg.calibration, "samples": n, "quantized": len(selection.kinds),
+            "kinds": dict(kinds), "float_nodes": [f"{n.name} ({n.op_type})" for n, _ in islands],
+            "weight_bits": dict(planner.bits), "integer_mac_fraction": _mac_coverage(model, selection),
+        }
+
+    def run(self, model: Model, ctx: PassContext) -> PassResult:
+        stats = self.plan(model, ctx)
+        if stats is None:
+            return PassResult(model, modified=False, stats={"quantized": 0})
+        lowering = lower_qdq.lower if self.config.format == "qdq" else lower_qoperator.lower
+        stats["emitted"] = lowering(model, owner=self.name)
+        stats["format"] = self.config.format
         return PassResult(model, modified=True, stats=stats)
 
 
@@ -353,10 +367,9 @@ def _infer_shapes(model: Model) -> None:
 
 def _mac_coverage(model: Model, selection: Selection) -> float:
     """Fraction of the Conv/Gemm/MatMul multiply-accumulates in selected nodes."""
-    macs = model.analysis("macs")
-    names = {n.name for n in model.graph if n.op_type in MAC_OPS}
-    total = sum(v for k, v in macs.items() if k in names)
-    done = sum(macs.get(n.name, 0) for n, kind in selection.kinds.items() if kind is Kind.MAC)
-    return round(done / total, 6) if total else (1.0 if not names else 0.0)
-
-
+    macs = model.analysis("macs")  # keyed by node name, or op_index for unnamed nodes
+    keys = {node: node.name or f"{node.op_type}_{i}" for i, node in enumerate(model.nodes(recursive=True))}
+    mac_nodes = [n for n in model.graph if n.op_type in MAC_OPS]
+    total = sum(macs.get(keys[n], 0) for n in mac_nodes)
+    done = sum(macs.get(keys[n], 0) for n in mac_nodes if selection.kinds.get(n) is Kind.MAC)
+    return round(done / total, 6) if total else (1.0 if not mac_nodes else 0.0)
