@@ -14,7 +14,8 @@ formats compute the same integer model where the runtime fuses:
    by its negation/reciprocal, as in the QOperator form; CONCAT constants take the
    output's qparams;
 4. a FOLD clamp (Relu/Clip implied by its input's range) is removed: the DQ of its input
-   already holds only values within its bounds. A folded clamp that is a graph output stays.
+   already holds only values within its bounds (a graph output passes to the input, under
+   its name; the clamp stays where its input is a graph input or output too).
 """
 
 from __future__ import annotations
@@ -44,10 +45,7 @@ def lower(model: Model, owner: str = "quantize.static") -> dict[str, int]:
     tensors: dict[ir.Value, QParams] = {}
     old_constants = [v for node, _ in planned for v in node.inputs if v is not None and v.is_initializer()]
     for node, plan in planned:
-        if plan.kind is Kind.FOLD and not node.outputs[0].is_graph_output():  # case 4
-            x = node.inputs[0]
-            node.outputs[0].replace_all_uses_with(x)
-            graph.remove(node, safe=True)
+        if plan.kind is Kind.FOLD and _remove_clamp(node):  # case 4
             counts["folded clamps"] += 1
             continue
         for i in data_inputs(node, plan.kind):
@@ -67,6 +65,22 @@ def lower(model: Model, owner: str = "quantize.static") -> dict[str, int]:
     graph.sort()
     counts["lowered"] = len(planned)
     return dict(counts)
+
+
+def _remove_clamp(node: ir.Node) -> bool:
+    """Replace a folded clamp's output by its input; False where that would merge a graph
+    input or output with another output."""
+    x, y = node.inputs[0], node.outputs[0]
+    if y.is_graph_output():
+        if x.producer() is None or x.is_graph_output():
+            return False
+        name = y.name
+        y.replace_all_uses_with(x, replace_graph_outputs=True)
+        y.name, x.name = f"{name}_clamped", name
+    else:
+        y.replace_all_uses_with(x)
+    node.graph.remove(node, safe=True)
+    return True
 
 
 def _dq(emit: Emitter, array: np.ndarray, qp: QParams, base: str, like: ir.Value, before: ir.Node) -> ir.Value:

@@ -58,9 +58,20 @@ def assert_integer_only(model: Model, feeds: dict) -> ort.RuntimeReport:
 
 
 def error_in_steps(reference: np.ndarray, quantized: np.ndarray, levels: int = 255) -> float:
-    """Largest |difference| in steps of an 8-bit quantization of the reference's range."""
+    """Largest |difference| in steps of an 8-bit quantization of the reference's range (the
+    step of the output's own qparams, up to float rounding: compare with `STEP_SLACK`)."""
     step = (max(float(reference.max()), 0.0) - min(float(reference.min()), 0.0)) / levels
     return float(np.abs(reference.astype(np.float64) - quantized).max() / step)
+
+
+#: the step is estimated from the reference's range, which can fall short of the calibrated one:
+#: "n steps" means at most n + STEP_SLACK
+STEP_SLACK = 0.02
+
+
+def assert_within_steps(reference: np.ndarray, quantized: np.ndarray, steps: float, what: str = "") -> None:
+    error = error_in_steps(reference, quantized)
+    assert error <= steps + STEP_SLACK, f"{what}: {error:.3f} steps > {steps}"
 
 
 def fake_quant_outputs(model: Model, data: dict, feeds: dict, **config) -> dict[str, np.ndarray]:

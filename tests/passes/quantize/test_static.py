@@ -20,6 +20,7 @@ from slimgraph.passes.quantize.qparams import QParams
 from tests.helpers import parse
 from tests.passes.quantize._static_models import (
     assert_integer_only,
+    assert_within_steps,
     error_in_steps,
     fake_quant_outputs,
     ops,
@@ -174,7 +175,7 @@ def test_relu_and_clip_fold_into_the_conv_range(clamp, low, high):
     assert ops(quantized) == {"QuantizeLinear": 1, "QLinearConv": 1, "DequantizeLinear": 1}
     y = outputs(quantized, data)["y"]
     assert y.min() >= low and y.max() <= high
-    assert error_in_steps(fake_quant_outputs(model, data, data)["y"], y) <= 1
+    assert_within_steps(fake_quant_outputs(model, data, data)["y"], y, 1)
 
 
 @pytest.mark.parametrize("clamp, kind, op", [
@@ -201,7 +202,7 @@ def test_a_clamp_its_input_range_does_not_imply(clamp, kind, op):
     reference, got = fake_quant_outputs(model, data, data), outputs(quantized, data)
     assert got["y"].min() >= 0.0
     for name in ("y", "z"):
-        assert error_in_steps(reference[name], got[name]) <= 1, name
+        assert_within_steps(reference[name], got[name], 1, name)
 
 
 def test_concat_inputs_take_the_output_range_so_concat_copies_bytes():
@@ -217,7 +218,7 @@ def test_concat_inputs_take_the_output_range_so_concat_copies_bytes():
     data = {"x": rng.normal(size=(16, 3, 8, 8)).astype(np.float32)}
     quantized, _ = quantize(model, data)
     assert ops(quantized)["Concat"] == 1 and "com.microsoft:QLinearConcat" not in ops(quantized)
-    assert error_in_steps(fake_quant_outputs(model, data, data)["y"], outputs(quantized, data)["y"]) <= 1
+    assert_within_steps(fake_quant_outputs(model, data, data)["y"], outputs(quantized, data)["y"], 1)
 
 
 # --- selection: exclude, op_types, nothing to do, bad input -----------------------------------------
@@ -377,7 +378,7 @@ def test_int8_qdq_recipe_loads_and_matches_int8(v3_block):
     qdq = slimgraph.run(path, "int8-qdq", data=data).model
     feeds = {"input": data["input"][:4]}
     a, b = outputs(qop, feeds)["logits"], outputs(qdq, feeds)["logits"]
-    assert error_in_steps(a, b) <= 2
+    assert_within_steps(a, b, 2)
 
 
 @pytest.mark.slow
