@@ -27,6 +27,9 @@ op to op:
    x sigmoid(alpha x) (SiLU, QuickGelu, Swish) = QLinearMul(x, QLinearSigmoid(x read at
    scale alpha * s)). Each rounding step is an 8-bit requantization: within one output
    step of the exact table, about 5x faster than a lookup in ORT.
+9. A Conv whose input channels are not a multiple of 4 (an RGB stem: 3) gets zero weight
+   channels and a Pad of its 8-bit input with the zero point: exact, and ORT then runs it
+   in its faster ConvSym kernel (MobileNetV2 stem 0.92 -> 0.76 ms here).
 
 A float value feeding a planned node gets one QuantizeLinear (shared by all its 8-bit
 readers); a lowered value read by a float node or a graph output gets one
@@ -70,6 +73,22 @@ logger = logging.getLogger("slimgraph.passes.quantize.lower_qoperator")
 
 #: Readers of a tensor's shape only: they take the 8-bit tensor as it is.
 SHAPE_READERS = frozenset({"Shape", "Size"})
+#: MLAS's fastest QLinearConv path on x86 ("ConvSym": uint8 x symmetric int8, weights
+#: packed once) takes input channels in multiples of 4, output channels in multiples of 8,
+#: at least 16 of them.
+CONV_SYM_INPUT_ALIGNMENT = 4
+CONV_SYM_OUTPUT_ALIGNMENT = 8
+CONV_SYM_MIN_OUTPUTS = 16
+
+
+def _channels_to_pad(node: ir.Node, weight: np.ndarray, wqp: QParams, xqp: QParams) -> int:
+    """How many zero input channels make a Conv eligible for the ConvSym kernels (case 9)."""
+    out_channels, in_channels = weight.shape[:2]
+    if (node.op_type != "Conv" or node.attributes.get_int("group", 1) != 1 or weight.ndim != 4
+            or xqp.dtype != "uint8" or wqp.dtype != "int8" or np.any(wqp.zero_point != 0)
+            or out_channels % CONV_SYM_OUTPUT_ALIGNMENT or out_channels < CONV_SYM_MIN_OUTPUTS):
+        return 0
+    return -in_channels % CONV_SYM_INPUT_ALIGNMENT
 
 
 def lower(model: Model, owner: str = "quantize.static") -> dict[str, int]:
@@ -86,6 +105,7 @@ class _QOperator:
         self.qps: dict[ir.Value, QParams] = {}  # float value -> qparams of that tensor
         self.fval: dict[ir.Value, ir.Value] = {}  # float value -> float output of an integer op
         self.indices: dict = {}  # 8-bit tensor -> its lookup index (lut.emit's cache)
+        self.padded: dict[tuple[ir.Value, int], ir.Value] = {}
         self.tables: dict[ir.Node, np.ndarray] = {}
         #: 8-bit output of a lookup -> (its table, the 8-bit tensor it looks up)
         self.lookups: dict[ir.Value, tuple[np.ndarray, ir.Value]] = {}
@@ -170,7 +190,12 @@ class _QOperator:
             self._op(node, "QLinearMatMul", [xq, xs, xz, bq, *self.emit.qparams(bqp, node.inputs[1].name), *ys_yz], yqp)
             return
         wqp = plan.inputs[1]
-        w, ws, wz = self._weight(mac_weight(node), wqp, node.inputs[1].name)
+        weight = mac_weight(node)
+        extra = _channels_to_pad(node, weight, wqp, xqp)
+        if extra:  # case 9
+            weight = np.concatenate([weight, np.zeros((weight.shape[0], extra, *weight.shape[2:]), weight.dtype)], 1)
+            xq = self._pad_channels(node, xq, xqp, extra)
+        w, ws, wz = self._weight(weight, wqp, node.inputs[1].name)
         bias = mac_bias(node)
         b = None if bias is None else self.emit.constant(
             int32_bias(bias, xqp, wqp, f"node {node.name!r}", logger), f"{node.name}_bias_int32")
@@ -185,6 +210,20 @@ class _QOperator:
             if yqp is None:
                 raise PassError(self.owner, f"node {node.name!r}: QLinearMatMul needs output qparams")
             self._op(node, "QLinearMatMul", [xq, xs, xz, w, ws, wz, *ys_yz], yqp)
+
+    def _pad_channels(self, node: ir.Node, xq: ir.Value, xqp: QParams, extra: int) -> ir.Value:
+        """`xq` with `extra` more channels holding the zero point (so they add nothing)."""
+        key = (xq, extra)
+        if key not in self.padded:
+            rank = len(node.inputs[1].shape)
+            pads = np.zeros(2 * rank, np.int64)
+            pads[rank + 1] = extra
+            pad = self.emit.node("Pad", [xq, self.emit.constant(pads, f"{xq.name}_channel_pads"),
+                                         self.emit.constant(xqp.zero_point, f"{xq.name}_zero_point")],
+                                 [(f"{xq.name}_padded", xqp.ir_dtype, None)], source=node, before=node)
+            self.padded[key] = pad.outputs[0]
+            self.counts["channel pads"] += 1
+        return self.padded[key]
 
     def _binary(self, node: ir.Node, plan: NodePlan) -> None:  # case 2
         operands = []
