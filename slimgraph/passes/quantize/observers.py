@@ -36,9 +36,10 @@ the grid spans.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import ClassVar
 
 import numpy as np
@@ -517,15 +518,22 @@ def _observing_session(model: Model, names: list[str]):
     return ort.session(proto, optimization="disable")
 
 
-def _progress_bar(enabled: bool):
+@contextlib.contextmanager
+def _progress_bar(enabled: bool, total: int, description: str) -> Iterator[Callable[[int], None]]:
+    """A rich progress bar over `total` samples; yields `advance(n)` (a no-op when off)."""
+    if not enabled:
+        yield lambda n: None
+        return
     from rich.progress import (
         BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn,
     )
 
-    return Progress(
+    with Progress(
         TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("samples"),
-        TimeElapsedColumn(), TimeRemainingColumn(), transient=True, disable=not enabled,
-    )
+        TimeElapsedColumn(), TimeRemainingColumn(), transient=True,
+    ) as bar:
+        task = bar.add_task(description, total=total)
+        yield lambda n: bar.update(task, advance=n)
 
 
 def calibrate(
@@ -618,8 +626,7 @@ def _run_and_observe(model, data, activations, fed, observers, method, progress)
         batch_axis = any(_is_axis_zero(model, a, observers[a].axis) for a in activations)
         step = BATCH_SIZE if dynamic and not batch_axis else 1
     names = [o.name for o in sess.get_outputs()] if sess is not None else []
-    with _progress_bar(progress) as bar:
-        task = bar.add_task(f"calibrating ({method})", total=n)
+    with _progress_bar(progress, n, f"calibrating {len(observers)} tensors ({method})") as advance:
         for start in range(0, n, step):
             feeds = sg_data.sample(arrays, ranks, start, min(step, n - start))
             for name in fed:
@@ -632,5 +639,5 @@ def _run_and_observe(model, data, activations, fed, observers, method, progress)
                         raise PipelineError(f"calibrate: tensor {name!r} is {value.dtype}, not a float tensor")
                     observers[name].update(value)
                 del outputs
-            bar.update(task, advance=min(step, n - start))
+            advance(min(step, n - start))
     logger.info("calibrated %d tensors (%s) on %d samples, %d per run", len(observers), method, n, step)
