@@ -2,9 +2,9 @@
 
 `calibrate(model, data, tensors, method=...)` runs the model with ONNX Runtime on a copy
 whose graph outputs are the requested intermediate tensors (ORT's graph optimizations
-off, so every name survives), feeds the samples one at a time (`batch_size` at a time
-when every input's first dim is dynamic), hands each observed array to one observer per
-tensor, and returns `{name: (min, max)}`, each of shape `()` or `(C,)` per channel.
+off, so every name survives), feeds the samples one at a time (or, when every input's
+first dim is dynamic, up to `BATCH_SIZE` at a time, as many as keep the observed tensors
+of one run under `RUN_BYTES`), hands each observed array to one observer per tensor, and returns `{name: (min, max)}`, each of shape `()` or `(C,)` per channel.
 Initializers are observed once, from their value; graph inputs from the feeds.
 
 Observers (`update(array)` any number of times, then `range()`):
@@ -53,8 +53,12 @@ from slimgraph.ir.model import Model
 logger = logging.getLogger("slimgraph.passes.quantize.observers")
 
 METHODS = ("minmax", "percentile", "entropy", "mse")
-#: Samples per ORT run when every model input has a dynamic first dim.
+#: Most samples per ORT run when every model input has a dynamic first dim ...
 BATCH_SIZE = 16
+#: ... and at most this many bytes of observed tensors per run (measured on the first sample).
+RUN_BYTES = 64 * 2**20
+#: Values an observer processes at a time (bounds its temporaries, ~8 bytes each).
+CHUNK = 2**20
 _FLOAT_TYPES = {ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.DOUBLE, ir.DataType.BFLOAT16}
 #: Candidate clipping thresholds per side tried by the MSE search.
 _MSE_CANDIDATES = 256
@@ -71,10 +75,11 @@ class StreamingHistogram:
     and keeps them in `pending`.
     """
 
-    def __init__(self, num_bins: int = 2048):
+    def __init__(self, num_bins: int = 2048, *, count_zeros: bool = False):
         if num_bins < 16 or num_bins % 2:
             raise ValueError(f"num_bins must be even and >= 16, got {num_bins}")
         self.num_bins = num_bins
+        self.count_zeros = count_zeros
         self.counts: np.ndarray | None = None  # (C, N) float64 (exact integers up to 2^53)
         self.width: np.ndarray | None = None  # (C,) float64
         self.start: np.ndarray | None = None  # (C,) int64
@@ -82,8 +87,8 @@ class StreamingHistogram:
         self.zeros: np.ndarray | None = None  # (C,) exact zeros seen
 
     def update(self, x: np.ndarray, finite: np.ndarray | None, lo: np.ndarray, hi: np.ndarray) -> None:
-        """Add `x` [C, M] (float64); `finite` masks the values to count (None: all);
-        `lo`/`hi` are each channel's finite min and max in this update."""
+        """Add `x` [C, M] (float); `finite` masks the values to count (None: all);
+        `lo`/`hi` are each channel's finite min and max in this update (float64)."""
         channels, n = x.shape[0], self.num_bins
         if self.counts is None:
             self.counts = np.zeros((channels, n))
@@ -91,11 +96,11 @@ class StreamingHistogram:
             self.start = np.zeros(channels, np.int64)
             self.pending = np.zeros(channels)
             self.zeros = np.zeros(channels)
-        is_zero = x == 0
-        if finite is not None:
-            is_zero &= finite
-        zeros = is_zero.sum(axis=1)
-        self.zeros += zeros
+        if self.count_zeros or not (self.width > 0).all():
+            zeros = np.count_nonzero(x == 0, axis=1).astype(np.float64)  # NaN/inf are not 0
+            self.zeros += zeros
+        else:
+            zeros = np.zeros(channels)  # only channels that have not started need them
         seen = np.isfinite(lo)  # a channel with no finite value in this update has lo = +inf
         lo, hi = np.where(seen, np.minimum(lo, 0.0), 0.0), np.where(seen, np.maximum(hi, 0.0), 0.0)
         for c in np.flatnonzero((self.width == 0) & (hi > lo)):
@@ -109,9 +114,15 @@ class StreamingHistogram:
         if not started.any():
             return
         rows = np.flatnonzero(started)
-        xs = x[rows] if finite is None else np.where(finite[rows], x[rows], 0.0)
-        index = np.floor(xs / self.width[rows, None]).astype(np.int64) - self.start[rows, None]
-        index += np.arange(len(rows))[:, None] * n
+        xs = x if len(rows) == len(x) else x[rows]
+        if finite is not None:
+            xs = np.where(finite[rows], xs, 0.0)
+        # float64 division, as for k_lo / k_hi above, so every value lands inside the window
+        scaled = xs / self.width[rows, None]
+        np.floor(scaled, out=scaled)
+        index = scaled.astype(np.int64)
+        del scaled
+        index -= self.start[rows, None] - np.arange(len(rows))[:, None] * n
         if finite is not None:
             index = index[finite[rows]]
         counts = np.bincount(index.ravel(), minlength=len(rows) * n).reshape(len(rows), n)
@@ -192,15 +203,17 @@ class Observer:
         self._max: np.ndarray | None = None
 
     def _rows(self, array: np.ndarray) -> np.ndarray:
-        """`array` as [C, M] float64: one row per channel (one row per tensor)."""
+        """`array` as [C, M]: one row per channel (one row per tensor); no copy when it can."""
         x = np.asarray(array)
         if not np.issubdtype(x.dtype, np.floating):
             raise DataError(f"{type(self).__name__} observes float tensors, got {x.dtype}")
+        if x.dtype not in (np.float32, np.float64):
+            x = x.astype(np.float32)
         if self.axis is None:
-            return x.reshape(1, -1).astype(np.float64)
+            return x.reshape(1, -1)
         if not -x.ndim <= self.axis < x.ndim:
             raise DataError(f"per-channel axis {self.axis} is out of range for a tensor of shape {list(x.shape)}")
-        rows = np.moveaxis(x, self.axis, 0).reshape(x.shape[self.axis], -1).astype(np.float64)
+        rows = np.moveaxis(x, self.axis, 0).reshape(x.shape[self.axis], -1)
         if self._min is not None and len(rows) != len(self._min):
             raise DataError(
                 f"per-channel axis {self.axis} has {len(rows)} channels now, {len(self._min)} before "
@@ -209,23 +222,28 @@ class Observer:
         return rows
 
     def update(self, array: np.ndarray) -> None:
+        """Observe `array`, in slices of at most `CHUNK` values so that temporaries stay small."""
         x = self._rows(array)
         if x.size == 0:
             return
-        finite = np.isfinite(x)
-        if finite.all():
-            finite_mask = None
-            lo, hi = x.min(axis=1), x.max(axis=1)
-            self.count += x.size
-        else:
-            finite_mask = finite
-            lo = np.where(finite, x, np.inf).min(axis=1)
-            hi = np.where(finite, x, -np.inf).max(axis=1)
-            kept = int(finite.sum())
-            self.count += kept
-            self.nonfinite += x.size - kept
         if self._min is None:
             self._min, self._max = np.full(len(x), np.inf), np.full(len(x), -np.inf)
+        step = max(1, CHUNK // len(x))
+        for start in range(0, x.shape[1], step):
+            self._update_rows(x[:, start:start + step])
+
+    def _update_rows(self, x: np.ndarray) -> None:
+        lo, hi = x.min(axis=1).astype(np.float64), x.max(axis=1).astype(np.float64)
+        if np.isfinite(lo).all() and np.isfinite(hi).all():  # NaN would propagate into min
+            finite_mask = None
+            self.count += x.size
+        else:
+            finite_mask = np.isfinite(x)
+            lo = np.where(finite_mask, x, np.inf).min(axis=1).astype(np.float64)
+            hi = np.where(finite_mask, x, -np.inf).max(axis=1).astype(np.float64)
+            kept = int(finite_mask.sum())
+            self.count += kept
+            self.nonfinite += x.size - kept
         self._min, self._max = np.minimum(self._min, lo), np.maximum(self._max, hi)
         self._observe(x, finite_mask, lo, hi)
 
@@ -401,6 +419,10 @@ class MseObserver(HistogramObserver):
     """The range minimizing the expected squared quantization error (module docstring)."""
 
     name = "mse"
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.histogram.count_zeros = True
 
     def _channel_range(self, c, lo, hi):
         counts, edges = self.histogram.signed(c)
@@ -618,26 +640,33 @@ def _run_and_observe(model, data, activations, fed, observers, method, progress)
         raise DataError("calibrate: the calibration data hold 0 samples")
 
     sess = _observing_session(model, activations) if activations else None
-    step = 1
+    step, batching = 1, False
     if sess is not None:
         inputs = sess.get_inputs()
         dynamic = all(len(i.shape) > 0 and not isinstance(i.shape[0], int) for i in inputs)
         # A channel axis that is the batch axis must see one sample per run.
         batch_axis = any(_is_axis_zero(model, a, observers[a].axis) for a in activations)
-        step = BATCH_SIZE if dynamic and not batch_axis else 1
+        batching = dynamic and not batch_axis
     names = [o.name for o in sess.get_outputs()] if sess is not None else []
     with _progress_bar(progress, n, f"calibrating {len(observers)} tensors ({method})") as advance:
-        for start in range(0, n, step):
-            feeds = sg_data.sample(arrays, ranks, start, min(step, n - start))
+        start = 0
+        while start < n:
+            count = min(step, n - start)
+            feeds = sg_data.sample(arrays, ranks, start, count)
             for name in fed:
                 observers[name].update(feeds[name])
             if sess is not None:
                 outputs = ort.run(sess, feeds)
+                observed = 0
                 for name in names:
-                    value = outputs[name]
+                    value = outputs.pop(name)
                     if not np.issubdtype(value.dtype, np.floating):
                         raise PipelineError(f"calibrate: tensor {name!r} is {value.dtype}, not a float tensor")
                     observers[name].update(value)
-                del outputs
-            advance(min(step, n - start))
+                    observed += value.nbytes
+                    del value
+                if start == 0 and batching:  # first sample alone: size the batches by its outputs
+                    step = int(max(1, min(BATCH_SIZE, RUN_BYTES // max(observed, 1))))
+            start += count
+            advance(count)
     logger.info("calibrated %d tensors (%s) on %d samples, %d per run", len(observers), method, n, step)
