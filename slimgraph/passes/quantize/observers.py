@@ -530,11 +530,12 @@ def _locate(model: Model, tensors: Sequence[str]) -> tuple[list[str], list[str],
     return activations, feeds, fixed
 
 
-def _observing_session(model: Model, names: list[str]):
+def _observing_session(model: Model | onnx.ModelProto, names: list[str]):
     """An ORT session (optimizations off) whose outputs are exactly `names`."""
     from slimgraph.backends import ort
 
-    proto = ort.self_contained_proto(model)
+    proto = ort.self_contained_proto(model) if isinstance(model, Model) else onnx.ModelProto.FromString(
+        model.SerializeToString())
     del proto.graph.output[:]
     proto.graph.output.extend(onnx.ValueInfoProto(name=n) for n in names)
     return ort.session(proto, optimization="disable")
@@ -620,53 +621,73 @@ def _is_axis_zero(model: Model, name: str, axis: int | None) -> bool:
     return shape is None or len(shape) + axis == 0
 
 
-def _run_and_observe(model, data, activations, fed, observers, method, progress) -> None:
-    from slimgraph.backends import ort
-
+def check_data(model: Model, data: Mapping[str, np.ndarray] | None, where: str) -> tuple[dict, int]:
+    """({input: array} for the model's inputs, sample count N); `DataError` naming `where`
+    when data are missing or inconsistent. Keys the model does not take (labels) are left out."""
     if not data:
-        raise DataError("calibrate: no calibration data; pass {input name: array[N, ...]} (--data D.npz)")
+        raise DataError(f"{where}: no calibration data; pass {{input name: array[N, ...]}} (--data D.npz)")
     ranks = sg_data.input_ranks(model)
     missing = sorted(set(ranks) - set(data))
     if missing:
-        raise DataError(f"calibrate: data {sorted(data)} lacks the model input(s) {missing}")
+        raise DataError(f"{where}: data {sorted(data)} lacks the model input(s) {missing}")
     arrays = {k: np.asarray(data[k]) for k in ranks}
     counts = {k: len(a) for k, a in arrays.items() if a.ndim}
     if not counts:
-        raise DataError(f"calibrate: data {sorted(arrays)} holds no [N, ...] arrays")
+        raise DataError(f"{where}: data {sorted(arrays)} holds no [N, ...] arrays")
     if len(set(counts.values())) > 1:
-        raise DataError(f"calibrate: data arrays have different sample counts {counts}; all must be [N, ...]")
+        raise DataError(f"{where}: data arrays have different sample counts {counts}; all must be [N, ...]")
     n = next(iter(counts.values()))
     if n == 0:
-        raise DataError("calibrate: the calibration data hold 0 samples")
+        raise DataError(f"{where}: the data hold 0 samples")
+    return arrays, n
 
-    sess = _observing_session(model, activations) if activations else None
-    step, batching = 1, False
+
+def stream(
+    model: Model | onnx.ModelProto, data: Mapping[str, np.ndarray], names: Sequence[str], *,
+    batching: bool = True, progress: bool = False, description: str = "running", where: str = "calibrate",
+    inputs_of: Model | None = None,
+) -> Iterator[tuple[int, dict[str, np.ndarray], dict[str, np.ndarray]]]:
+    """Run `model` over the samples of `data` with its outputs replaced by `names` (main-graph
+    values; ORT optimizations off); yields (sample count, feeds, {name: array}) per run.
+    Samples go one at a time or, with `batching` and a dynamic first dim on every input, in
+    batches sized so that one run's outputs stay under `RUN_BYTES` (at most `BATCH_SIZE`).
+    With no `names`, nothing runs and the outputs are empty. `inputs_of` is the model whose
+    declared inputs tell the data layout when `model` is a proto."""
+    from slimgraph.backends import ort
+
+    arrays, n = check_data(inputs_of or model, data, where)
+    ranks = sg_data.input_ranks(inputs_of or model)
+    sess = _observing_session(model, list(names)) if names else None
+    step, dynamic = 1, False
     if sess is not None:
-        inputs = sess.get_inputs()
-        dynamic = all(len(i.shape) > 0 and not isinstance(i.shape[0], int) for i in inputs)
-        # A channel axis that is the batch axis must see one sample per run.
-        batch_axis = any(_is_axis_zero(model, a, observers[a].axis) for a in activations)
-        batching = dynamic and not batch_axis
-    names = [o.name for o in sess.get_outputs()] if sess is not None else []
-    with _progress_bar(progress, n, f"calibrating {len(observers)} tensors ({method})") as advance:
+        dynamic = batching and all(len(i.shape) > 0 and not isinstance(i.shape[0], int) for i in sess.get_inputs())
+    with _progress_bar(progress, n, description) as advance:
         start = 0
         while start < n:
             count = min(step, n - start)
             feeds = sg_data.sample(arrays, ranks, start, count)
-            for name in fed:
-                observers[name].update(feeds[name])
-            if sess is not None:
-                outputs = ort.run(sess, feeds)
-                observed = 0
-                for name in names:
-                    value = outputs.pop(name)
-                    if not np.issubdtype(value.dtype, np.floating):
-                        raise PipelineError(f"calibrate: tensor {name!r} is {value.dtype}, not a float tensor")
-                    observers[name].update(value)
-                    observed += value.nbytes
-                    del value
-                if start == 0 and batching:  # first sample alone: size the batches by its outputs
-                    step = int(max(1, min(BATCH_SIZE, RUN_BYTES // max(observed, 1))))
+            outputs = ort.run(sess, feeds) if sess is not None else {}
+            if start == 0 and dynamic:  # the first sample alone sizes the batches
+                observed = sum(v.nbytes for v in outputs.values())
+                step = int(max(1, min(BATCH_SIZE, RUN_BYTES // max(observed, 1))))
+            yield count, feeds, outputs
+            del outputs
             start += count
             advance(count)
-    logger.info("calibrated %d tensors (%s) on %d samples, %d per run", len(observers), method, n, step)
+    logger.debug("%s: %d samples, %d per run", where, n, step)
+
+
+def _run_and_observe(model, data, activations, fed, observers, method, progress) -> None:
+    # A channel axis that is the batch axis must see one sample per run.
+    batching = not any(_is_axis_zero(model, a, observers[a].axis) for a in activations)
+    description = f"calibrating {len(observers)} tensors ({method})"
+    for _, feeds, outputs in stream(model, data, activations, batching=batching, progress=progress,
+                                    description=description):
+        for name in fed:
+            observers[name].update(feeds[name])
+        for name in list(outputs):
+            value = outputs.pop(name)
+            if not np.issubdtype(value.dtype, np.floating):
+                raise PipelineError(f"calibrate: tensor {name!r} is {value.dtype}, not a float tensor")
+            observers[name].update(value)
+            del value
