@@ -62,8 +62,6 @@ CHUNK = 2**20
 _FLOAT_TYPES = {ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.DOUBLE, ir.DataType.BFLOAT16}
 #: Candidate clipping thresholds per side tried by the MSE search.
 _MSE_CANDIDATES = 256
-#: TensorRT / ORT / MXNet smoothing of empty bins before KL divergence.
-_KL_EPS = 1e-4
 
 
 # --- streaming histogram ------------------------------------------------------------------------
@@ -337,66 +335,56 @@ class PercentileObserver(HistogramObserver):
         return max(_quantile(counts, edges, 1.0 - q), lo), min(_quantile(counts, edges, q), hi)
 
 
-def _smooth(p: np.ndarray) -> np.ndarray | None:
-    """Move a little mass onto empty bins so KL(p || q) is finite (TensorRT/MXNet/ORT)."""
-    zero = p == 0
-    n_zero = int(zero.sum())
-    n_nonzero = p.size - n_zero
-    if n_nonzero == 0:
-        return None
-    eps1 = _KL_EPS * n_zero / n_nonzero
-    return p + np.where(zero, _KL_EPS, -eps1)
-
-
 def kl_threshold(hist: np.ndarray, levels: int) -> int:
     """TensorRT's entropy calibration on a histogram of |x| (bins of equal width, from 0):
     the number of bins i >= `levels` to keep so that quantizing the first i bins (the rest
     clipped into bin i-1) to `levels` levels minimizes KL(reference || quantized).
 
-    Candidates i are tried every quarter of a quantization step (i // (4 * levels) bins,
-    at least 1), so a threshold is at most a quarter step from TensorRT's exhaustive one.
+    For each candidate i: the reference p is the first i bins with the clipped tail T added
+    to bin i-1; the candidate q merges the first i bins (without T) into `levels` groups of
+    i // levels bins (the last group takes the remainder) and spreads each group's mass
+    evenly over the group's bins that are non-empty in p. Every candidate is tried, in
+    closed form from prefix sums (O(levels) per candidate):
+
+        KL = (sum p log p - sum_g P_g log(Q_g / n_g)) / P - log P + log S
+
+    with P = sum p, S = sum q, Q_g / P_g the group's mass in q / p and n_g its non-empty
+    bins. This is the exact divergence; TensorRT's implementations add 1e-4 to empty bins
+    instead ("smoothing"), which only matters for a q that misses mass p has: here such a
+    candidate is rejected (infinite divergence).
     """
     size = len(hist)
     if size <= levels:
         return size
-    hist = np.asarray(hist, np.float64)
-    cum = np.concatenate([[0.0], np.cumsum(hist)])
-    nonzero = hist != 0
-    cum_nonzero = np.concatenate([[0], np.cumsum(nonzero)])
+    h = np.asarray(hist, np.float64)
+    cum = np.concatenate([[0.0], np.cumsum(h)])
+    cum_nonzero = np.concatenate([[0.0], np.cumsum(h > 0)])
+    hlogh = np.concatenate([[0.0], np.cumsum(np.where(h > 0, h * np.log(np.where(h > 0, h, 1.0)), 0.0))])
+    total = cum[-1]
     group = np.arange(levels)
     best, best_i = np.inf, size
-    i = levels
-    while i <= size:
-        tail = cum[-1] - cum[i]
-        merged = i // levels
-        starts = group * merged
-        ends = np.append(starts[1:], i)
-        # reference p: the first i bins, the clipped tail added to the last one
-        p = hist[:i].copy()
-        p[-1] += tail
-        p_nonzero = nonzero[:i].copy()
-        p_nonzero[-1] |= tail > 0
-        # candidate q: i bins merged into `levels` groups, each group's mass spread
-        # evenly over the group's bins that are non-empty in p
-        norms = (cum_nonzero[ends] - cum_nonzero[starts]).astype(np.float64)
-        norms[-1] += p_nonzero[-1] and not nonzero[i - 1]
-        sums = cum[ends] - cum[starts]
-        per_bin = np.divide(sums, norms, out=np.zeros(levels), where=norms > 0)
-        q = np.repeat(per_bin, ends - starts) * p_nonzero
-        divergence = _kl(p, q)
-        if divergence < best:
-            best, best_i = divergence, i
-        i += max(1, i // (4 * levels))
+    for block in np.array_split(np.arange(levels, size + 1), max(1, (size - levels) // 256)):
+        i = block[:, None]
+        starts = group[None, :] * (i // levels)
+        ends = np.concatenate([starts[:, 1:], i], axis=1)
+        q_mass = cum[ends] - cum[starts]
+        nonzero = cum_nonzero[ends] - cum_nonzero[starts]
+        tail = total - cum[block]
+        last = h[block - 1] + tail
+        nonzero[:, -1] += (tail > 0) & (h[block - 1] == 0)
+        p_mass = q_mass.copy()
+        p_mass[:, -1] += tail
+        with np.errstate(divide="ignore", invalid="ignore"):
+            log_q = np.log(q_mass / nonzero)
+            cross = np.where(p_mass > 0, p_mass * log_q, 0.0).sum(axis=1)
+            missing = ((p_mass > 0) & (q_mass <= 0)).any(axis=1)
+            plogp = hlogh[block - 1] + np.where(last > 0, last * np.log(np.where(last > 0, last, 1.0)), 0.0)
+            divergence = (plogp - cross) / total - np.log(total) + np.log(cum[block])
+        divergence = np.where(missing | ~np.isfinite(divergence), np.inf, divergence)
+        j = int(np.argmin(divergence))
+        if divergence[j] < best:
+            best, best_i = float(divergence[j]), int(block[j])
     return best_i
-
-
-def _kl(p: np.ndarray, q: np.ndarray) -> float:
-    ps, qs = _smooth(p), _smooth(q)
-    if ps is None or qs is None:
-        return np.inf
-    ps, qs = ps / ps.sum(), qs / qs.sum()
-    mask = ps > 0
-    return float(np.dot(ps[mask], np.log(ps[mask] / qs[mask])))
 
 
 class EntropyObserver(HistogramObserver):

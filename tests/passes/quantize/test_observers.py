@@ -110,6 +110,39 @@ def test_kl_threshold_keeps_uniform_data_whole():
     assert kl_threshold(np.ones(1024), 128) == 1024
 
 
+def _tensorrt_loop(hist, levels):
+    """TensorRT's calibration written as the loop of its slides (and ORT/MXNet), with their
+    1e-4 smoothing of empty bins: the reference for the closed form."""
+    def smooth(p):
+        zero = p == 0
+        return p + np.where(zero, 1e-4, -1e-4 * zero.sum() / (p.size - zero.sum()))
+
+    best, best_i = np.inf, len(hist)
+    for i in range(levels, len(hist) + 1):
+        sliced = hist[:i].astype(float)
+        p = sliced.copy()
+        p[-1] += hist[i:].sum()
+        nonzero = (p != 0).astype(float)
+        starts = np.arange(levels) * (i // levels)
+        q_sums, counts = np.add.reduceat(sliced, starts), np.add.reduceat(nonzero, starts)
+        per_bin = np.divide(q_sums, counts, out=np.zeros(levels), where=counts > 0)
+        q = np.repeat(per_bin, np.diff(np.append(starts, i))) * nonzero
+        ps, qs = smooth(p), smooth(q)
+        ps, qs = ps / ps.sum(), qs / qs.sum()
+        d = np.sum(ps[ps > 0] * np.log(ps[ps > 0] / qs[ps > 0]))
+        if d < best:
+            best, best_i = d, i
+    return best_i
+
+
+@pytest.mark.parametrize("levels", [128, 256])
+def test_kl_threshold_equals_tensorrt_loop(levels, rng):
+    for x in (np.abs(rng.standard_t(2, 20_000)), np.maximum(rng.standard_normal(20_000), 0),
+              np.abs(rng.standard_t(3, 200))):
+        hist, _ = np.histogram(x, bins=700, range=(0, x.max()))
+        assert kl_threshold(hist, levels) == _tensorrt_loop(hist, levels)
+
+
 def test_mse_range_minimizes_quantization_error_on_laplace(rng):
     x = rng.laplace(size=200_000).astype(np.float32)
     mse, mm = MseObserver(), MinMaxObserver()
