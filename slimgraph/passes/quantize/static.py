@@ -6,7 +6,9 @@ What it does, in order:
    BINARY, CONCAT, POOL, UNARY, SOFTMAX, SAME, CLAMP, LUT) or a reason to stay float
    (no integer kernel, weight not constant, excluded, not float32). MACs (Conv, Gemm,
    MatMul) are always quantized; the cheap ops only where an input already is 8-bit, so
-   no QuantizeLinear is spent on them. `exclude` (fnmatch patterns of node names, op
+   no QuantizeLinear is spent on them, and not at a dead end (read only by float nodes or
+   as a graph output: an 8-bit result would be dequantized at once, one rounding more for
+   nothing; a hand-built LayerNorm's x * x feeding a float ReduceSum is the classic case). `exclude` (fnmatch patterns of node names, op
    types or torch module paths) and `op_types` narrow the selection.
 2. **Calibrate** the float tensors around the selected nodes on the context data
    (`observers.calibrate`, streaming, `calibration` method, first `samples` samples).
@@ -80,6 +82,11 @@ from slimgraph.passes.rewrite import constant
 logger = logging.getLogger("slimgraph.passes.quantize.static")
 
 MAC_OPS = ("Conv", "Gemm", "MatMul")
+#: Kinds that round once more; not worth it at a dead end (only float readers): the
+#: result would be dequantized right away, with the extra error and no integer op gained.
+#: (Not CLAMP: it mostly folds into its producer's range, free and more precise.)
+ROUNDING_KINDS = frozenset({Kind.BINARY, Kind.CONCAT, Kind.POOL, Kind.UNARY, Kind.SOFTMAX, Kind.LUT,
+                            Kind.COMPOSITE})
 
 
 @dataclasses.dataclass
@@ -90,17 +97,30 @@ class Selection:
     reasons: dict[ir.Node, str]
 
     def islands(self) -> list[tuple[ir.Node, str]]:
-        """Float nodes between 8-bit tensors: one of their inputs is produced 8-bit, or one
-        of their outputs is read by a selected node."""
+        """Float nodes between 8-bit tensors, with why: nodes that could not be quantized on
+        a float path from an 8-bit tensor (dequantized for them) back into a selected node
+        (quantized again after them)."""
         produced = {v for n in self.kinds for v in n.outputs}
-        out = []
-        for node, reason in self.reasons.items():
-            reads_8bit = any(v in produced for v in node.inputs if v is not None and v.dtype == ir.DataType.FLOAT)
-            feeds_8bit = any(u.node in self.kinds for v in node.outputs for u in v.uses())
-            if reads_8bit or feeds_8bit:
-                out.append((node, reason))
-        return out
+        leads_back: dict[ir.Node, bool] = {}
 
+        def returns(node: ir.Node) -> bool:  # a selected node is reachable through float nodes
+            if node not in leads_back:
+                leads_back[node] = False  # (a DAG: no cycles, this only guards re-entry)
+                leads_back[node] = any(
+                    u.node in self.kinds or returns(u.node) for v in node.outputs for u in v.uses())
+            return leads_back[node]
+
+        starts = [n for n in self.reasons if any(v in produced for v in n.inputs if v is not None)]
+        between: set[ir.Node] = set()
+        stack = [n for n in starts if returns(n)]
+        while stack:
+            node = stack.pop()
+            if node in between:
+                continue
+            between.add(node)
+            stack += [u.node for v in node.outputs for u in v.uses()
+                      if u.node not in self.kinds and returns(u.node)]
+        return [(n, r) for n, r in self.reasons.items() if n in between]
 
 def _matches(node: ir.Node, patterns: tuple[str, ...]) -> str | None:
     path = Model.provenance(node) or ""
@@ -131,6 +151,9 @@ def select(model: Model, exclude: tuple[str, ...] = (), op_types: tuple[str, ...
             continue  # its input arrives in float: quantizing it would only add a QuantizeLinear
         kinds[node] = kind
         available.update(v for v in node.outputs if v.dtype == ir.DataType.FLOAT)
+    for node in reversed(list(model.graph)):  # dead ends, last first: a chain of them goes
+        if kinds.get(node) in ROUNDING_KINDS and not any(u.node in kinds for v in node.outputs for u in v.uses()):
+            del kinds[node]
     return Selection(kinds, reasons)
 
 

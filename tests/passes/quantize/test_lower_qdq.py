@@ -62,7 +62,8 @@ def test_sub_and_div_by_constants_become_add_and_mul():
     g (float[N,4,8,8] x, float[4,4,1,1] w, float[1,4,1,1] b, float[1,4,1,1] d) => (float[N,4,8,8] y) {
         c = Conv (x, w)
         s = Sub (c, b)
-        y = Div (s, d)
+        t = Div (s, d)
+        y = Conv (t, w)
     }
     """, w=RNG.normal(size=(4, 4, 1, 1)), b=RNG.normal(size=(1, 4, 1, 1)), d=RNG.uniform(1, 2, (1, 4, 1, 1)))
     data = {"x": RNG.normal(size=(8, 4, 8, 8)).astype(np.float32)}

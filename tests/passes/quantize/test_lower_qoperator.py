@@ -26,17 +26,17 @@ RNG = np.random.default_rng(0)
 
 def kitchen_sink():
     """Most kinds in one CNN: MAC, FOLD, SAME, BINARY (activations, constant tensors, Sub,
-    Div), UNARY, POOL, CONCAT, LUT chains, SOFTMAX, and a Gemm that outputs float."""
+    Div), UNARY, POOL, CONCAT, LUT chains, SOFTMAX, and QGemms that output float."""
     weights = {
         "w1": RNG.normal(size=(8, 4, 3, 3)) * 0.3, "w2": RNG.normal(size=(8, 8, 3, 3)) * 0.2,
         "k": RNG.uniform(0.5, 1.5, (1, 8, 1, 1)), "b": RNG.normal(size=(1, 8, 1, 1)) * 0.1,
         "d": RNG.uniform(1.0, 2.0, (1, 8, 1, 1)), "wg": RNG.normal(size=(256, 10)) * 0.1,
-        "bg": RNG.normal(size=(10,)) * 0.1,
+        "bg": RNG.normal(size=(10,)) * 0.1, "wp": RNG.normal(size=(8, 4)),
     }
     model = with_weights("""
     <ir_version: 10, opset_import: ["" : 21]>
     g (float[N,4,8,8] x, float[8,4,3,3] w1, float[8,8,3,3] w2, float[1,8,1,1] k, float[1,8,1,1] b,
-       float[1,8,1,1] d, float[256,10] wg, float[10] bg) => (float[N,10] logits, float[N,8] prob)
+       float[1,8,1,1] d, float[256,10] wg, float[10] bg, float[8,4] wp) => (float[N,10] logits, float[N,4] prob)
       <float[4] scales = {1.0, 1.0, 2.0, 2.0}> {
         c1 = Conv <pads = [1,1,1,1]> (x, w1)
         r1 = Relu (c1)
@@ -58,7 +58,8 @@ def kitchen_sink():
         logits = Gemm (f, wg, bg)
         gp = GlobalAveragePool (dv)
         gf = Flatten (gp)
-        prob = Softmax (gf)
+        sm = Softmax (gf)
+        prob = MatMul (sm, wp)
     }
     """, **weights)
     return model, {"x": RNG.normal(size=(16, 4, 8, 8)).astype(np.float32)}

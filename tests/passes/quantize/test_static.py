@@ -29,6 +29,9 @@ from tests.passes.quantize._static_models import (
     with_weights,
 )
 
+RNG = np.random.default_rng(0)
+
+
 # --- the digits CNN (real data, trained weights) --------------------------------------------------
 
 
@@ -233,6 +236,42 @@ def test_exclude_keeps_a_node_float_with_a_warning(digits, caplog, pattern):
     assert ops(quantized)["DequantizeLinear"] >= 1 and ops(quantized)["QuantizeLinear"] >= 2
     logits = outputs(quantized, {"input": data["input"]})["logits"]
     assert (logits.argmax(1) == data["labels"]).mean() >= 0.98
+
+
+def test_no_rounding_op_at_a_dead_end():
+    """x * x read only by a float ReduceSum (a hand-built LayerNorm's variance) stays float:
+    quantizing it would add a rounding and gain no integer op (magika: 87% -> 99% top-1
+    agreement)."""
+    model = with_weights("""
+    <ir_version: 10, opset_import: ["" : 21]>
+    g (float[N,4,8,8] x, float[4,4,1,1] w) => (float[N,1,1,1] v, float[N,4,8,8] y) <int64[3] axes = {1, 2, 3}> {
+        c = Conv (x, w)
+        s = Mul (c, c)
+        v = ReduceSum (s, axes)
+        y = Conv (c, w)
+    }
+    """, w=RNG.normal(size=(4, 4, 1, 1)))
+    data = {"x": RNG.normal(size=(8, 4, 8, 8)).astype(np.float32)}
+    quantized, stats = quantize(model, data)
+    assert stats["kinds"] == {"mac": 2} and stats["float_nodes"] == []
+    assert ops(quantized)["Mul"] == 1 and "com.microsoft:QLinearMul" not in ops(quantized)
+
+
+def test_the_warning_names_the_float_nodes_between_8bit_tensors(caplog):
+    """Sub of two activations has no integer kernel: between two Convs it is an island."""
+    model = with_weights("""
+    <ir_version: 10, opset_import: ["" : 21]>
+    g (float[N,4,8,8] x, float[4,4,1,1] w) => (float[N,4,8,8] y) {
+        c = Conv (x, w)
+        s = Sub (c, x)
+        y = Conv (s, w)
+    }
+    """, w=RNG.normal(size=(4, 4, 1, 1)))
+    with caplog.at_level(logging.WARNING, logger="slimgraph.passes.quantize.static"):
+        _, stats = quantize(model, {"x": RNG.normal(size=(8, 4, 8, 8)).astype(np.float32)})
+    assert "1 node(s) stay float between 8-bit tensors" in caplog.text
+    assert "(Sub: Sub of two activations has no integer kernel)" in caplog.text
+    assert len(stats["float_nodes"]) == 1
 
 
 def test_op_types_limits_the_selection(digits):
