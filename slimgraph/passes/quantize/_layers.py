@@ -9,8 +9,9 @@ returns one `Layer` per main-graph node that has a constant float weight; every 
 node of those op types is counted under the reason it was left out.
 
 `fake_quantize_weight(layer, bits)` is the weight quantization quantize.static performs
-(QParams: int8, symmetric, per output channel, `bits` wide), dequantized back to float.
-Bias correction corrects for exactly this, and sensitivity / mixed precision simulate it.
+(QParams: int8, symmetric, per output channel, `bits` wide, `weight_bits` choosing the
+bits as static's `weight_bits` does), dequantized back to float. Bias correction corrects
+for exactly this, and sensitivity / mixed precision simulate it.
 """
 
 from __future__ import annotations
@@ -133,6 +134,22 @@ def find_layers(model: Model) -> tuple[list[Layer], collections.Counter]:
 
 
 # --- weight quantization --------------------------------------------------------------------------
+#: `bits` settings of the accuracy tools, as quantize.static's `weight_bits`
+BITS_CHOICES = ("auto", 4, 5, 6, 7, 8)
+
+
+def weight_bits(layer: Layer, setting: str | int, target: str = "cpu") -> int:
+    """The weight bits quantize.static gives this layer: `setting` when it is a number;
+    "auto" (static's default): 7 where ORT's u8s8 GEMM may saturate (x86 CPU without VNNI,
+    target "cpu"), except depthwise convolutions, else 8 (see static.py)."""
+    if setting != "auto":
+        return int(setting)
+    from slimgraph.passes.quantize._cpu import u8s8_saturates
+    from slimgraph.passes.quantize._ops import is_depthwise
+
+    return 8 if is_depthwise(layer.node) or target != "cpu" or not u8s8_saturates() else 7
+
+
 def weight_qparams(layer: Layer, bits: int = 8) -> QParams:
     """What quantize.static uses for this weight: int8, symmetric, per output channel."""
     w = layer.weight

@@ -10,10 +10,12 @@ float model's again.
 **Contract with quantize.static.** The shift is computed for exactly the weights
 quantize.static produces: int8, symmetric, per output channel, `bits` wide
 (`_layers.weight_qparams`, i.e. `QParams.from_range(min, max, dtype="int8",
-symmetric=True, bits=bits, axis=<output-channel axis>)`). The weights themselves are left
-in float and unchanged, so quantize.static, run next with the same `bits`, rounds them to
-the same W_q; only the biases changed. With other weight settings (another `bits`,
-per-tensor weights) the correction does not match and should not be used.
+symmetric=True, bits=bits, axis=<output-channel axis>)`), with `bits` chosen per layer
+as static's `weight_bits` chooses it (`_layers.weight_bits`: "auto" = 7 bits on an x86
+CPU without VNNI except depthwise convolutions, else 8). The weights themselves are left
+in float and unchanged, so quantize.static, run next with the same weight settings,
+rounds them to the same W_q; only the biases changed. With other weight settings
+(another `weight_bits`, per-tensor or uint8 weights) the correction does not match.
 
 How (probe models: copies with ReduceMean nodes reading each layer's output, run over
 the data with `observers.stream`, memory independent of the sample count):
@@ -40,6 +42,7 @@ from __future__ import annotations
 
 import collections
 import logging
+from collections.abc import Callable
 
 import numpy as np
 import onnx_ir as ir
@@ -47,8 +50,8 @@ import onnx_ir as ir
 from slimgraph.ir.model import Model
 from slimgraph.passes.base import Pass, PassConfig, PassResult, choice, int_range, register_pass
 from slimgraph.passes.quantize._layers import (
-    LAYER_OPS, Layer, add_bias_after, bias_vector, fake_quantize_weight, find_layers, new_initializer,
-    set_bias, set_input_constant, set_weight,
+    BITS_CHOICES, LAYER_OPS, Layer, add_bias_after, bias_vector, fake_quantize_weight, find_layers, new_initializer,
+    set_bias, set_input_constant, set_weight, weight_bits,
 )
 from slimgraph.passes.quantize.observers import stream
 from slimgraph.passes.rewrite import constant
@@ -56,6 +59,8 @@ from slimgraph.passes.rewrite import constant
 logger = logging.getLogger("slimgraph.passes.quantize.bias_correction")
 
 PROBE_PREFIX = "slimgraph_bias_probe_"
+#: a layer (of a copy) -> its weight bits
+BitsOf = Callable[[Layer], int]
 
 
 def _reduce_mean(model: Model, x: ir.Value, axes: list[int], name: str) -> ir.Node:
@@ -111,17 +116,17 @@ def _twins(model: Model, copy: Model, layers: list[Layer]) -> list[Layer]:
     return [LAYER_OPS[layer.node.op_type](nodes[position[layer.node]]) for layer in layers]
 
 
-def own_shifts(model: Model, layers: list[Layer], data, *, bits: int, progress: bool) -> list[np.ndarray]:
+def own_shifts(model: Model, layers: list[Layer], data, *, bits: BitsOf, progress: bool) -> list[np.ndarray]:
     """E[Op(x, W_q - W)] per channel of each layer, with float inputs x; one run."""
     probe = model.clone()
-    names = [_delta_probe(probe, t, fake_quantize_weight(t, bits) - t.weight, f"{PROBE_PREFIX}{i}")
+    names = [_delta_probe(probe, t, fake_quantize_weight(t, bits(t)) - t.weight, f"{PROBE_PREFIX}{i}")
              for i, t in enumerate(_twins(model, probe, layers))]
     shifts = _means(probe, names, [layer.channels for layer in layers], data, progress,
                     f"bias correction: {len(layers)} layers")
     return [shift.astype(np.float32) for shift in shifts]
 
 
-def sequential_shifts(model: Model, layers: list[Layer], data, *, bits: int, progress: bool) -> list[np.ndarray]:
+def sequential_shifts(model: Model, layers: list[Layer], data, *, bits: BitsOf, progress: bool) -> list[np.ndarray]:
     """E[W_q x_q] - E[W x] per channel of each layer, the layers before it rounded and
     corrected; one run for the float means, then one per layer."""
     channels = [layer.channels for layer in layers]
@@ -132,7 +137,7 @@ def sequential_shifts(model: Model, layers: list[Layer], data, *, bits: int, pro
     rounded = model.clone()
     twins = _twins(model, rounded, layers)
     for twin in twins:
-        set_weight(rounded, twin, fake_quantize_weight(twin, bits))
+        set_weight(rounded, twin, fake_quantize_weight(twin, bits(twin)))
     shifts = []
     for i, twin in enumerate(twins):
         probe = _mean_probe(rounded, twin, twin.output, f"{PROBE_PREFIX}{i}")
@@ -180,8 +185,8 @@ class BiasCorrection(Pass):
     before = ("quantize.static", "quantize.dynamic")
 
     class Config(PassConfig):
-        #: weight bits quantize.static will use (8; 7 where it narrows weights for u8s8 kernels)
-        bits: int = int_range(2, 8, default=8)
+        #: weight bits, as quantize.static's weight_bits ("auto": 7 on x86 without VNNI, else 8)
+        bits: str | int = choice(*BITS_CHOICES, default="auto")
         #: calibration samples (the first ones of the data)
         samples: int = int_range(1, 100_000, default=256, log=True)
         #: correct layer by layer for the drift of the rounded layers before (one run per
@@ -201,13 +206,15 @@ class BiasCorrection(Pass):
             return PassResult(model, modified=False, stats={"layers": 0, "skipped": dict(skipped)})
         data = {k: v[: self.config.samples] for k, v in (ctx.data or {}).items()}
         measure = sequential_shifts if self.config.sequential else own_shifts
-        shifts = measure(model, usable, data, bits=self.config.bits, progress=ctx.progress)
+        setting, target = self.config.bits, ctx.target
+        shifts = measure(model, usable, data, bits=lambda layer: weight_bits(layer, setting, target),
+                         progress=ctx.progress)
         corrected, how = 0, collections.Counter()
         for layer, shift in zip(usable, shifts):
             if not np.any(shift):
                 continue
             how[_apply(model, layer, shift)] += 1
-            Model.annotate(layer.node, "quantize.bias_correction.bits", self.config.bits)
+            Model.annotate(layer.node, "quantize.bias_correction.bits", weight_bits(layer, setting, target))
             corrected += 1
         largest = max((float(np.abs(s).max()) for s in shifts), default=0.0)
         logger.info("bias correction: %d layers, largest shift %.3g", corrected, largest)

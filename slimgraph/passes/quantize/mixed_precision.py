@@ -35,7 +35,7 @@ import numpy as np
 from slimgraph.errors import PipelineError
 from slimgraph.ir.model import Model
 from slimgraph.passes.base import Pass, PassConfig, PassResult, choice, float_range, int_range, register_pass
-from slimgraph.passes.quantize._layers import Layer, find_layers
+from slimgraph.passes.quantize._layers import BITS_CHOICES, Layer, find_layers
 from slimgraph.passes.quantize.observers import METHODS
 from slimgraph.passes.quantize.sensitivity import (
     OutputError, activation_ranges, annotate_sensitivity, layer_sensitivity, simulate,
@@ -77,8 +77,8 @@ class MixedPrecision(Pass):
         method: str = choice(*METHODS, default="minmax")
         #: samples used (the first ones of the data)
         samples: int = int_range(1, 100_000, default=64, log=True)
-        #: weight bits (as quantize.static)
-        bits: int = int_range(2, 8, default=8)
+        #: weight bits, as quantize.static's weight_bits ("auto": 7 on x86 without VNNI, else 8)
+        bits: str | int = choice(*BITS_CHOICES, default="auto")
 
     def run(self, model: Model, ctx) -> PassResult:
         cfg = self.config
@@ -89,7 +89,8 @@ class MixedPrecision(Pass):
         reference = OutputError(model, data, progress=ctx.progress)
         score, budget, what = self._budget(reference, ctx)
         ranking = layer_sensitivity(model, data, method=cfg.method, samples=cfg.samples, bits=cfg.bits,
-                                    progress=ctx.progress, layers=layers, reference=reference)
+                                    target=ctx.target, progress=ctx.progress, layers=layers,
+                                    reference=reference)
         by_name = {layer.name: layer for layer in layers}
         order = [by_name[s.name] for s in ranking]  # most sensitive first
         qparams = activation_ranges(model, layers, data, method=cfg.method, progress=ctx.progress)
@@ -99,7 +100,7 @@ class MixedPrecision(Pass):
             if k not in results:
                 kept = {id(layer) for layer in order[:k]}
                 quantized = [layer for layer in layers if id(layer) not in kept]
-                results[k] = score(simulate(model, quantized, qparams, bits=cfg.bits))
+                results[k] = score(simulate(model, quantized, qparams, bits=cfg.bits, target=ctx.target))
                 logger.info("%d layer(s) in float: %s = %.4g (budget %.4g)", k, what, results[k], budget)
             return results[k] <= budget
 

@@ -4,7 +4,8 @@ For every layer with a constant weight (Conv, Gemm, MatMul; `_layers.find_layers
 copy of the model is quantized at that layer only, simulated in float (fake quantization):
 
 - its weight is rounded as quantize.static rounds it (int8, symmetric, per output
-  channel, `bits` wide) and stored as the dequantized float values;
+  channel, `bits` wide as static's `weight_bits`: "auto" = 7 on x86 without VNNI) and
+  stored as the dequantized float values;
 - its input activation goes through QuantizeLinear -> DequantizeLinear (uint8,
   asymmetric, per tensor) with the range calibration gives it (`method`); the other
   readers of that activation still see the float tensor.
@@ -32,7 +33,8 @@ from slimgraph.errors import PassError
 from slimgraph.ir.model import Model
 from slimgraph.passes.base import Pass, PassConfig, PassResult, choice, int_range, register_pass
 from slimgraph.passes.quantize._layers import (
-    LAYER_OPS, Layer, fake_quantize_weight, find_layers, fresh_name, new_initializer, set_weight,
+    BITS_CHOICES, LAYER_OPS, Layer, fake_quantize_weight, find_layers, fresh_name, new_initializer, set_weight,
+    weight_bits,
 )
 from slimgraph.passes.quantize.observers import METHODS, calibrate, stream
 from slimgraph.passes.quantize.qparams import QParams
@@ -69,16 +71,17 @@ def activation_ranges(model: Model, layers: Sequence[Layer], data, *, method: st
 
 
 def simulate(model: Model, quantized: Sequence[Layer], qparams: Mapping[str, QParams], *,
-             bits: int = 8) -> Model:
+             bits: str | int = "auto", target: str = "cpu") -> Model:
     """A copy of `model` with the layers `quantized` (layers of `model`) fake-quantized:
-    rounded weights, and QuantizeLinear/DequantizeLinear on their input activations."""
+    rounded weights (`bits` as quantize.static's `weight_bits`, see `_layers.weight_bits`),
+    and QuantizeLinear/DequantizeLinear on their input activations."""
     copy = model.clone()
     position = {node: i for i, node in enumerate(model.graph)}
     nodes = list(copy.graph)
     dequantized: dict[str, ir.Value] = {}  # one Q/DQ pair per activation, shared by its layers
     for layer in quantized:
         twin = LAYER_OPS[layer.node.op_type](nodes[position[layer.node]])
-        set_weight(copy, twin, fake_quantize_weight(twin, bits))
+        set_weight(copy, twin, fake_quantize_weight(twin, weight_bits(twin, bits, target)))
         x = twin.activation
         if x.name not in dequantized:
             dequantized[x.name] = _qdq(copy, x, qparams[x.name], before=twin.node)
@@ -137,7 +140,7 @@ class OutputError:
 
 # --- analysis ------------------------------------------------------------------------------------
 def layer_sensitivity(model: Model, data: Mapping[str, np.ndarray], *, method: str = "minmax",
-                      samples: int = 64, bits: int = 8, progress: bool = False,
+                      samples: int = 64, bits: str | int = "auto", target: str = "cpu", progress: bool = False,
                       layers: Sequence[Layer] | None = None,
                       reference: OutputError | None = None) -> list[LayerSensitivity]:
     """Each layer's sensitivity (module docstring), most sensitive first."""
@@ -147,7 +150,7 @@ def layer_sensitivity(model: Model, data: Mapping[str, np.ndarray], *, method: s
     qparams = activation_ranges(model, layers, data, method=method, progress=progress)
     found = []
     for i, layer in enumerate(layers):
-        err = reference.error(simulate(model, [layer], qparams, bits=bits),
+        err = reference.error(simulate(model, [layer], qparams, bits=bits, target=target),
                               f"sensitivity {i + 1}/{len(layers)}: {layer.name}")
         found.append(LayerSensitivity(layer.name, layer.node.op_type, err, sqnr_db(err)))
     ranked = sorted(found, key=lambda s: -s.error)
@@ -185,15 +188,16 @@ class Sensitivity(Pass):
         method: str = choice(*METHODS, default="minmax")
         #: samples used (the first ones of the data)
         samples: int = int_range(1, 100_000, default=64, log=True)
-        #: weight bits (as quantize.static)
-        bits: int = int_range(2, 8, default=8)
+        #: weight bits, as quantize.static's weight_bits ("auto": 7 on x86 without VNNI, else 8)
+        bits: str | int = choice(*BITS_CHOICES, default="auto")
 
     def run(self, model: Model, ctx) -> PassResult:
         layers, skipped = find_layers(model)
         if not layers:
             return PassResult(model, modified=False, stats={"layers": 0, "skipped": dict(skipped)})
         ranking = layer_sensitivity(model, ctx.data, method=self.config.method, samples=self.config.samples,
-                                    bits=self.config.bits, progress=ctx.progress, layers=layers)
+                                    bits=self.config.bits, target=ctx.target, progress=ctx.progress,
+                                    layers=layers)
         changed = annotate_sensitivity(model, layers, ranking)
         table = [{"rank": s.rank, "layer": s.name, "op": s.op_type, "sqnr_db": round(s.sqnr, 2)} for s in ranking]
         logger.info("most sensitive layers: %s", ", ".join(f"{s.name} ({s.sqnr:.1f} dB)" for s in ranking[:5]))

@@ -116,3 +116,22 @@ def test_gemm_with_a_full_bias_matrix_is_skipped(rng):
     work, result = correct(model, {"x": rng.standard_normal((4, 2, 8)).astype(np.float32)})
     assert not result.modified
     assert result.stats["skipped"] == {"bias of shape [2, 6] is not per output channel": 1}
+
+
+@pytest.mark.parametrize("saturates, expected", [(True, 7), (False, 8)])
+def test_auto_bits_follow_quantize_static(saturates, expected, rng, monkeypatch):
+    """bits="auto" is static's weight_bits="auto": 7 bits where u8s8 kernels may saturate
+    (x86 without VNNI), except depthwise convolutions; the correction is annotated with it."""
+    from slimgraph.passes.quantize import _cpu
+    from slimgraph.passes.quantize._layers import weight_bits
+
+    monkeypatch.setattr(_cpu, "u8s8_saturates", lambda: saturates)
+    model = with_weights(CONV, w=rng.standard_normal((4, 3, 3, 3)).astype(np.float32),
+                         b=rng.standard_normal(4).astype(np.float32))
+    work, result = correct(model, {"x": (rng.standard_normal((16, 3, 6, 6)) + 1).astype(np.float32)})
+    node = find_layers(work)[0][0].node
+    assert slimgraph.Model.annotation(node, "quantize.bias_correction.bits") == expected
+    depthwise = with_weights(CONV.replace("Conv <", "Conv <group = 3, ").replace("4, 6, 6] y", "3, 6, 6] y"),
+                             w=rng.standard_normal((3, 1, 3, 3)).astype(np.float32), b=np.zeros(3, np.float32))
+    assert weight_bits(find_layers(depthwise)[0][0], "auto") == 8
+    assert weight_bits(find_layers(depthwise)[0][0], 7) == 7
