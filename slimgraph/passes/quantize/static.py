@@ -59,6 +59,7 @@ import numpy as np
 import onnx_ir as ir
 
 from slimgraph import data as sgdata
+from slimgraph.backends.op_kinds import OpKind, op_kind
 from slimgraph.errors import PassError
 from slimgraph.ir.model import Model
 from slimgraph.passes.base import Pass, PassConfig, PassContext, PassResult, choice, float_range, int_range, register_pass
@@ -110,7 +111,8 @@ class Selection:
                     u.node in self.kinds or returns(u.node) for v in node.outputs for u in v.uses())
             return leads_back[node]
 
-        starts = [n for n in self.reasons if any(v in produced for v in n.inputs if v is not None)]
+        starts = [n for n in self.reasons if op_kind(n.op_type, n.domain) is not OpKind.SHAPE
+                  and any(v in produced for v in n.inputs if v is not None)]  # (Shape reads 8-bit)
         between: set[ir.Node] = set()
         stack = [n for n in starts if returns(n)]
         while stack:
@@ -118,7 +120,7 @@ class Selection:
             if node in between:
                 continue
             between.add(node)
-            stack += [u.node for v in node.outputs for u in v.uses()
+            stack += [u.node for v in node.outputs if v.dtype == ir.DataType.FLOAT for u in v.uses()
                       if u.node not in self.kinds and returns(u.node)]
         return [(n, r) for n, r in self.reasons.items() if n in between]
 
