@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-BENCHMARKS = ["cleanup_vs_ort.py", "import_speed.py"]
+BENCHMARKS = ["cleanup_vs_ort.py", "import_speed.py", "quantize.py"]
 
 
 def main() -> int:

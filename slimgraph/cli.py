@@ -144,8 +144,8 @@ def _inspect_runtime(model, args) -> int:
     out.print(
         f"Conv/Gemm/MatMul MACs in integer kernels: {_percent(share) if share is not None else 'none measured'}"
         f" ({_human(check.integer_macs)} of {_human(check.integer_macs + check.float_macs)}); "
-        f"QuantizeLinear: {check.quantize_nodes} ({check.quantize_at_inputs} at model inputs); "
-        f"DequantizeLinear: {check.dequantize_nodes} ({check.dequantize_at_outputs} at model outputs); "
+        f"quantize: {check.quantize_nodes} ({check.quantize_at_inputs} at model inputs); "
+        f"dequantize: {check.dequantize_nodes} ({check.dequantize_at_outputs} at model outputs); "
         f"float islands: {len(check.islands)}; warnings: {len(check.pitfalls)}")
     return 0
 

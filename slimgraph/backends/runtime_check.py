@@ -198,11 +198,14 @@ class RuntimeCheck:
     #: MACs of Conv/Gemm/MatMul-like kernels, by kind of kernel that ran them
     integer_macs: int
     float_macs: int
-    #: QuantizeLinear / DynamicQuantizeLinear nodes, and those reading a model input
+    #: nodes that quantize float activations (QuantizeLinear, DynamicQuantizeLinear, an
+    #: integer kernel with a float input such as DynamicQuantizeMatMul), and those reading
+    #: a model input
     quantize_nodes: int
     quantize_at_inputs: int
-    #: DequantizeLinear nodes of activations (weights' DequantizeLinear not counted), and
-    #: those writing a model output
+    #: nodes that dequantize activations (DequantizeLinear of non-constants, an integer
+    #: kernel with a float output such as QGemm without output zero point or
+    #: MatMulIntegerToFloat), and those writing a model output
     dequantize_nodes: int
     dequantize_at_outputs: int
     report: ort.RuntimeReport = dataclasses.field(repr=False)
@@ -278,13 +281,14 @@ class _Graph:
         return self._dtypes[name]
 
     def _find_dtype(self, name: str) -> str | None:
+        """Initializers first, then what the producing op fixes (ORT may have changed a
+        tensor's type after the model declared it: QDQ int8 -> uint8), then declarations,
+        then the type an op moves or computes in (its first input's)."""
         if name in self.initializers:
             return _dtype_name(self.initializers[name].data_type)
-        if name in self._declared:
-            return self._declared[name]
         p = self.producer.get(name)
         if p is None:
-            return None
+            return self._declared.get(name)
         sig = signature(p.op_type, p.domain)
         if p.op_type == "QuantizeLinear":
             return self.dtype(p.inputs[2]) if len(p.inputs) > 2 and p.inputs[2] else "uint8"
@@ -297,7 +301,10 @@ class _Graph:
                 return self.dtype(p.inputs[sig.y_zero_point])
             return "int32" if p.op_type in ("MatMulInteger", "ConvInteger") else "float"
         if p.op_type == "Cast":
-            return None
+            to = _int_attr(self, p, "to", 0)
+            return _dtype_name(to) if to else None
+        if name in self._declared:
+            return self._declared[name]
         kind = op_kind(p.op_type, p.domain)
         if kind in (OpKind.MOVEMENT, OpKind.FLOAT) and p.inputs:
             return self.dtype(p.inputs[0])
@@ -431,24 +438,62 @@ def _pair_saturation(graph: _Graph, node, sig, ranges) -> dict | None:
 
 
 # --- float islands ---------------------------------------------------------------------------------
-def _node_cause(graph: _Graph, node: ort.RuntimeNode, island: set[str]) -> NodeCause:
-    """Why `node` (FLOAT, in `island`) runs in float, read from its neighbours. In order:
-    1. an input is the float result of an integer kernel (MatMulIntegerToFloat, a Cast of
+#: ORT's own layout conversions around NCHWc float kernels: looked through when reading
+#: what feeds a node and what it feeds
+_LAYOUT = {("com.microsoft.nchwc", "ReorderInput"), ("com.microsoft.nchwc", "ReorderOutput")}
+_BIAS_INPUT = {"Conv": 2, "ConvTranspose": 2, "Gemm": 2}
+
+
+def _is_layout(node: ort.RuntimeNode | None) -> bool:
+    return node is not None and (node.domain, node.op_type) in _LAYOUT
+
+
+def _producer(graph: _Graph, value: str) -> ort.RuntimeNode | None:
+    p = graph.producer.get(value)
+    while _is_layout(p) and p.inputs:
+        p = graph.producer.get(p.inputs[0])
+    return p
+
+
+def _consumers(graph: _Graph, value: str) -> list[ort.RuntimeNode]:
+    out = []
+    for c in graph.consumers.get(value, []):
+        out += [x for o in c.outputs for x in _consumers(graph, o)] if _is_layout(c) else [c]
+    return out
+
+
+def _writes_output(graph: _Graph, node: ort.RuntimeNode) -> bool:
+    return any(o in graph.graph_outputs or any(_is_layout(c) and _writes_output(graph, c)
+                                               for c in graph.consumers.get(o, []))
+               for o in node.outputs)
+
+
+def _node_cause(graph: _Graph, node: ort.RuntimeNode, island: set[str], cpu: CpuInfo) -> NodeCause:
+    """Why `node` (FLOAT, in `island`) runs in float, read from its neighbours (through ORT's
+    NCHWc layout conversions). In order:
+    1. ORT's NCHWc layout conversion: explained by the node it converts for;
+    2. an input is the float result of an integer kernel (MatMulIntegerToFloat, a Cast of
        ConvInteger's int32, DynamicQuantizeLinear's scale): dynamic-quantization glue;
-    2. ORT has no integer kernel for the op;
-    3. fed by DequantizeLinear and feeding only QuantizeLinear, yet not fused: an input's
-       8-bit type is not one the integer kernel takes, else an unfused QDQ pattern;
-    4. fed by DequantizeLinear, but its output also goes to float ops or a model output;
-    5. reads a model input with no QuantizeLinear before it;
-    6. otherwise its float inputs come from other nodes of the island."""
+    3. ORT has no integer kernel for the op;
+    4. fed by DequantizeLinear and feeding only QuantizeLinear, yet not fused: a non-8-bit
+       type; on x86, int8 activations ORT did not convert to uint8 (its s8 -> u8 rewrite
+       needs a QuantizeLinear with a single DequantizeLinear consumer, and its x86 QDQ
+       fusion takes uint8 activations); a float constant operand; else an unfused pattern;
+    5. fed by DequantizeLinear, but its output also goes to float ops or a model output;
+    6. reads a model input with no QuantizeLinear before it, or float data from outside;
+    7. otherwise its float inputs come from other nodes of the island."""
     op = base_op(node.op_type)
     label = f"{node.qualified_op} {node.name!r}"
-    data = [v for v in node.inputs if v and not graph.is_constant(v)]
-    producers = {v: graph.producer.get(v) for v in data}
 
     def result(cause: Cause, reason: str) -> NodeCause:
         return NodeCause(node.name, node.qualified_op, cause, reason)
 
+    if _is_layout(node):
+        around = [x for x in (_producer(graph, node.inputs[0]), *_consumers(graph, node.outputs[0])) if x]
+        names = ", ".join(f"{x.qualified_op} {x.name!r}" for x in around[:2])
+        return result(Cause.FOLLOWS, f"{label} converts the layout for ORT's NCHWc float kernels ({names})")
+    data = [v for v in node.inputs if v and not graph.is_constant(v)]
+    producers = {v: _producer(graph, v) for v in data}
     for v, p in producers.items():
         source = p
         if source is not None and source.op_type == "Cast" and source.inputs and source.inputs[0] in graph.producer:
@@ -466,20 +511,20 @@ def _node_cause(graph: _Graph, node: ort.RuntimeNode, island: set[str]) -> NodeC
 
     kernels = integer_kernels(node.op_type, node.domain)
     from_dq = {v: p for v, p in producers.items() if p is not None and p.op_type == "DequantizeLinear"}
-    consumers = graph.consumers.get(node.outputs[0], []) if node.outputs else []
-    to_q = bool(consumers) and all(c.op_type == "QuantizeLinear" for c in consumers) and not (
-        set(node.outputs) & graph.graph_outputs)
+    consumers = [c for o in node.outputs[:1] for c in _consumers(graph, o)]
+    to_q = bool(consumers) and all(c.op_type == "QuantizeLinear" for c in consumers) and not _writes_output(graph, node)
     if not kernels:
         where = " between DequantizeLinear and QuantizeLinear" if from_dq and to_q else ""
         return result(Cause.NO_INTEGER_KERNEL, f"no integer kernel for {op} in ONNX Runtime: {label} runs in "
                       f"float{where}")
     if from_dq and to_q and len(from_dq) == len(data):
-        weights = [v for v in node.inputs if v and v not in from_dq and graph.is_constant(v)
-                   and getattr(graph.producer.get(v), "op_type", None) == "DequantizeLinear"]
+        bias = _BIAS_INPUT.get(op)
+        weights = [v for i, v in enumerate(node.inputs) if v and i != bias and v not in from_dq
+                   and graph.is_constant(v) and getattr(graph.producer.get(v), "op_type", None) == "DequantizeLinear"]
         float_constants = [v for v in node.inputs if v in graph.initializers
                            and graph.dtype(v) in ("float", "float16", "double")]
-        dq_types = sorted({graph.input_dtype(p, 0) or "?" for p in from_dq.values()}
-                          | {graph.input_dtype(graph.producer[v], 0) or "?" for v in weights})
+        act_types = sorted({graph.input_dtype(p, 0) or "?" for p in from_dq.values()})
+        dq_types = sorted({*act_types, *(graph.input_dtype(graph.producer[v], 0) or "?" for v in weights)})
         q_types = sorted({graph.dtype(c.outputs[0]) or "?" for c in consumers})
         odd = [t for t in {*dq_types, *q_types} if t not in _DTYPE_RANGE]
         if odd:
@@ -487,6 +532,18 @@ def _node_cause(graph: _Graph, node: ort.RuntimeNode, island: set[str]) -> NodeC
                           f"{'/'.join(dq_types)} DequantizeLinear and {'/'.join(q_types)} QuantizeLinear, but ORT's "
                           f"{' / '.join(kernels[:2])} take 8-bit types only, so it runs DequantizeLinear -> float "
                           f"{op} -> QuantizeLinear")
+        if op_kind(op) is OpKind.MOVEMENT:
+            mismatch = _qdq_mismatch(graph, list(from_dq.values()), consumers)
+            if mismatch:
+                return result(Cause.UNFUSED_QDQ, f"unfused QDQ pattern: DequantizeLinear -> {op} -> QuantizeLinear "
+                              f"left as float {node.op_type} {node.name!r}: ORT runs {op} in 8 bits by dropping the "
+                              f"DequantizeLinear/QuantizeLinear around it, which needs the same type, scale and zero "
+                              f"point on both sides; {mismatch}")
+        if cpu.x86 and "int8" in act_types:
+            return result(Cause.UNFUSED_QDQ, f"unfused QDQ pattern: DequantizeLinear -> {op} -> QuantizeLinear left "
+                          f"as float {node.op_type} {node.name!r}: its activations are still int8 in ORT's graph "
+                          f"({_int8_why(graph, from_dq.values())}), and on x86 ORT fuses QDQ groups into "
+                          f"{kernels[0]} only with uint8 activations")
         why = (f"its input {float_constants[0]!r} is a float constant, not a DequantizeLinear output"
                if float_constants else f"ORT's QDQ fusion into {kernels[0]} did not match it")
         return result(Cause.UNFUSED_QDQ, f"unfused QDQ pattern: DequantizeLinear -> {op} -> QuantizeLinear left "
@@ -512,6 +569,46 @@ def _node_cause(graph: _Graph, node: ort.RuntimeNode, island: set[str]) -> NodeC
                       f"from this island, so ORT cannot fuse it into {kernels[0]}")
     sources = [p.name for p in producers.values() if p is not None and p.name in island]
     return result(Cause.FOLLOWS, f"{label} takes the float output of {', '.join(map(repr, sources[:2]))}")
+
+
+def _qdq_mismatch(graph: _Graph, dqs: list[ort.RuntimeNode], qs: list[ort.RuntimeNode]) -> str | None:
+    """How the DequantizeLinear before and the QuantizeLinear after a data-movement op
+    differ (type, scale, zero point), or None when they agree."""
+    def params(node: ort.RuntimeNode, data_dtype: str | None) -> tuple:
+        scale, zero = (graph.constant(v) if v else None for v in (list(node.inputs[1:3]) + [""])[:2])
+        return (data_dtype, None if scale is None else scale.tolist(), None if zero is None else zero.tolist())
+
+    before = {params(d, graph.input_dtype(d, 0)) for d in dqs}
+    after = {params(q, graph.dtype(q.outputs[0])) for q in qs}
+    if before == after and len(before) == 1:
+        return None
+    (t_in, s_in, z_in), (t_out, s_out, z_out) = sorted(before, key=str)[0], sorted(after, key=str)[0]
+    if t_in != t_out:
+        extra = ""
+        for q in qs:
+            n = len(graph.consumers.get(q.outputs[0], []))
+            if graph.dtype(q.outputs[0]) == "int8" and n > 1:
+                extra = (f" (QuantizeLinear {q.name!r} stays int8: it feeds {n} DequantizeLinear nodes, and ORT "
+                         "converts int8 pairs to uint8 only one to one)")
+        return f"here {t_in} before and {t_out} after{extra}"
+    return f"here scale {s_in} / zero point {z_in} before and {s_out} / {z_out} after"
+
+
+def _int8_why(graph: _Graph, dqs) -> str:
+    """Why ORT kept int8 activation Q/DQ: its s8 -> u8 rewrite converts a QuantizeLinear ->
+    DequantizeLinear pair only when the QuantizeLinear has that one consumer."""
+    for dq in dqs:
+        if graph.input_dtype(dq, 0) != "int8":
+            continue
+        q = graph.producer.get(dq.inputs[0])
+        if q is not None and q.op_type == "QuantizeLinear":
+            n = len(graph.consumers.get(q.outputs[0], []))
+            if n > 1:
+                return (f"QuantizeLinear {q.name!r} feeds {n} DequantizeLinear nodes, and ORT converts int8 "
+                        "QuantizeLinear/DequantizeLinear pairs to uint8 only one to one")
+            return f"ORT did not convert QuantizeLinear {q.name!r} -> DequantizeLinear {dq.name!r} to uint8"
+        return f"DequantizeLinear {dq.name!r} reads int8 data that no QuantizeLinear of this graph makes"
+    return "int8 DequantizeLinear"
 
 
 # --- MACs ---------------------------------------------------------------------------------------
@@ -593,11 +690,13 @@ def _assemble(report: ort.RuntimeReport, found: list[Pitfall], cpu: CpuInfo, pro
         islands.append(Island(
             nodes=names, ops=[n.qualified_op for n in nodes],
             time_share=share(sum(times)) if times else None, macs=sum(macs[x] for x in names),
-            causes=[_node_cause(graph, n, members) for n in nodes]))
+            causes=[_node_cause(graph, n, members, cpu) for n in nodes]))
     integer = sum(macs[n.name] for n in graph.nodes if n.kind is OpKind.INTEGER)
     floating = sum(macs[n.name] for n in graph.nodes if n.kind is OpKind.FLOAT)
-    quantize = [n for n in graph.nodes if n.op_type in ("QuantizeLinear", "DynamicQuantizeLinear")]
-    dequantize = [n for n in graph.nodes if n.op_type == "DequantizeLinear" and not graph.is_constant(n.outputs[0])]
+    quantize = [n for n in graph.nodes if n.op_type in ("QuantizeLinear", "DynamicQuantizeLinear")
+                or getattr(signature(n.op_type, n.domain), "x_dtype", None)]
+    dequantize = [n for n in graph.nodes if (n.op_type == "DequantizeLinear" and not graph.is_constant(n.outputs[0]))
+                  or (n.kind is OpKind.INTEGER and n.outputs and graph.dtype(n.outputs[0]) == "float")]
     return RuntimeCheck(
         source=source, provider=provider, cpu=cpu, pitfalls=found, nodes=rows, islands=islands,
         integer_macs=integer, float_macs=floating,

@@ -309,3 +309,32 @@ def test_warnings_come_before_the_profiling_run(monkeypatch):
     rc.check_runtime(qlinear_conv(int8_weights((8, 4, 3, 3))), cpu=NO_VNNI,
                      on_warning=lambda p: events.append(p.kind.value))
     assert events == ["report(profile=False)", "u8s8-saturation", "report(profile=True)"]
+
+
+@pytest.mark.skipif(not rc.cpu_info().x86, reason="ORT's int8 -> uint8 QDQ rewrite is x86-only")
+def test_shared_int8_activation_stays_int8_and_float_on_x86():
+    """ORT's default QDQ (int8 activations) on a residual block: the input's
+    DequantizeLinear feeds the Conv and the Add; ORT gives each its own copy, and then its
+    one-to-one int8 -> uint8 rewrite skips that QuantizeLinear, so both stay float."""
+    body = """
+    xq = QuantizeLinear(x, s, z8)
+    xd = DequantizeLinear(xq, s, z8)
+    wd = DequantizeLinear(w, ws, z8)
+    c = Conv<pads=[1,1,1,1]>(xd, wd)
+    cq = QuantizeLinear(c, s, z8)
+    cd = DequantizeLinear(cq, s, z8)
+    m = MaxPool<kernel_shape=[3,3], pads=[1,1,1,1]>(cd)
+    mq = QuantizeLinear(m, s, z8)
+    md = DequantizeLinear(mq, s, z8)
+    a = Add(md, xd)
+    aq = QuantizeLinear(a, s, z8)
+    y = DequantizeLinear(aq, s, z8)
+    """
+    result = check(make(body, w=int8_weights((4, 4, 3, 3), -60, 60)))
+    reasons = {c.op.split(":")[-1]: c.reason for i in result.islands for c in i.causes}
+    assert "activations are still int8" in reasons["Conv"] and "'QuantizeLinear_0' feeds 2" in reasons["Conv"]
+    assert "QLinearAdd only with uint8 activations" in reasons["Add"]
+    # the same graph with uint8 activations is fused end to end
+    uint8 = check(make(body.replace("s, z8)", "s, zu)").replace("ws, zu)", "ws, z8)"),
+                       w=int8_weights((4, 4, 3, 3), -60, 60)))
+    assert uint8.islands == [] and uint8.integer_mac_share == 1.0
