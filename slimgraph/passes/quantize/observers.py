@@ -4,8 +4,10 @@
 whose graph outputs are the requested intermediate tensors (ORT's graph optimizations
 off, so every name survives), feeds the samples one at a time (or, when every input's
 first dim is dynamic, up to `BATCH_SIZE` at a time, as many as keep the observed tensors
-of one run under `RUN_BYTES`), hands each observed array to one observer per tensor, and returns `{name: (min, max)}`, each of shape `()` or `(C,)` per channel.
-Initializers are observed once, from their value; graph inputs from the feeds.
+of one run under `RUN_BYTES`), hands each observed array to one observer per tensor,
+and returns `{name: (min, max)}`, each of shape `()` or `(C,)` per channel. Initializers
+are observed once, from their value; graph inputs from the feeds. `stream` (the run loop)
+is shared with the other accuracy tools.
 
 Observers (`update(array)` any number of times, then `range()`):
 
@@ -26,7 +28,8 @@ symmetric ranges (-m, m) with `symmetric=True`. Non-finite values (the -inf of a
 attention mask) are counted and left out.
 
 Memory does not grow with the number of samples: the histogram observers keep one
-`StreamingHistogram` of 2 * `num_bins` bins per channel (`num_bins` for each sign). Its bins are anchored at zero (bin k
+`StreamingHistogram` of 2 * `num_bins` bins per channel (`num_bins` for each sign), and
+process each array in slices of `CHUNK` values. Its bins are anchored at zero (bin k
 covers [k*w, (k+1)*w)), so when new data fall outside the window, the width w doubles by
 adding pairs of bins (k -> floor(k/2)), which is exact, and the window moves over the
 occupied bins; no value is ever stored. The histogram's range always includes 0, like
@@ -36,6 +39,7 @@ the grid spans.
 
 from __future__ import annotations
 
+import abc
 import contextlib
 import logging
 import math
@@ -273,7 +277,7 @@ class MinMaxObserver(Observer):
     name = "minmax"
 
 
-class HistogramObserver(Observer):
+class HistogramObserver(Observer, abc.ABC):
     """Base of the observers that choose a range from a streaming histogram."""
 
     def __init__(self, *, axis: int | None = None, symmetric: bool = False, bits: int = 8,
@@ -293,8 +297,9 @@ class HistogramObserver(Observer):
                 los[c], his[c] = self._channel_range(c, float(mins[c]), float(maxs[c]))
         return los, his
 
+    @abc.abstractmethod
     def _channel_range(self, c: int, lo: float, hi: float) -> tuple[float, float]:
-        raise NotImplementedError(type(self).__name__)
+        """The range of channel c (observed finite min `lo`, max `hi`) from its histogram."""
 
     @property
     def bin_width(self) -> np.ndarray:

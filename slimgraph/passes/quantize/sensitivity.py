@@ -17,7 +17,8 @@ SQNR = -20 log10(error) dB. Rank 1 is the lowest SQNR, the most sensitive layer.
 The pass only annotates (`quantize.sqnr` in dB, `quantize.sensitivity_rank`, on each
 layer node, persistent) and reports the ranking in its statistics; it is `modified` when
 an annotation was written or changed. `simulate` and `OutputError` are shared with
-quantize.mixed_precision.
+quantize.mixed_precision; `layer_report` reads the annotations back (SQNR, rank, the
+precision mixed precision chose) for a per-layer table.
 """
 
 from __future__ import annotations
@@ -171,6 +172,27 @@ def annotate_sensitivity(model: Model, layers: Sequence[Layer], ranking: Sequenc
                 Model.annotate(layer.node, key, value)
                 changed = True
     return changed
+
+
+def layer_report(model: Model) -> list[dict]:
+    """One row per node annotated by quantize.sensitivity / quantize.mixed_precision, most
+    sensitive first: {"node", "op", "sqnr_db", "rank", "precision"} (None where absent);
+    what `slimgraph run --report` shows per layer."""
+    rows = []
+    for node in model.nodes():
+        row = {"node": node.name, "op": node.op_type, "sqnr_db": Model.annotation(node, SQNR_KEY),
+               "rank": Model.annotation(node, RANK_KEY), "precision": Model.annotation(node, "quantize.precision")}
+        if any(row[k] is not None for k in ("sqnr_db", "rank", "precision")):
+            rows.append(row)
+    return sorted(rows, key=lambda r: (r["rank"] is None, r["rank"] or 0))
+
+
+def layer_report_markdown(rows: Sequence[dict]) -> str:
+    lines = ["| rank | node | op | SQNR (dB) | precision |", "|---:|---|---|---:|---|"]
+    for r in rows:
+        sqnr = "" if r["sqnr_db"] is None else f"{r['sqnr_db']:.1f}"
+        lines.append(f"| {r['rank'] or ''} | {r['node']} | {r['op']} | {sqnr} | {r['precision'] or ''} |")
+    return "\n".join(lines) + "\n"
 
 
 @register_pass

@@ -7,7 +7,9 @@ import slimgraph
 from slimgraph.errors import PipelineError
 from slimgraph.passes import PassContext, get_pass
 from slimgraph.passes.quantize._layers import find_layers
-from slimgraph.passes.quantize.sensitivity import OutputError, activation_ranges, simulate
+from slimgraph.passes.quantize.sensitivity import (
+    OutputError, activation_ranges, layer_report, layer_report_markdown, simulate,
+)
 from tests.helpers import ort_outputs
 from tests.passes.quantize.test_sensitivity import data, fragile_mlp
 
@@ -83,5 +85,8 @@ def test_in_a_pipeline_after_sensitivity(rng):
     result = slimgraph.run(model, "quantize.sensitivity,quantize.mixed_precision", data=data(rng))
     rows = {row.name: row for row in result.report.rows}
     assert rows["quantize.mixed_precision"].stats["float_layers"]
+    table = layer_report(result.model)
+    assert [(r["rank"], r["precision"]) for r in table] == [(1, "float"), (2, "float"), (3, "int8"), (4, "int8")]
+    assert all(r["sqnr_db"] > 0 for r in table) and "| 1 |" in layer_report_markdown(table)
     with pytest.raises(PipelineError, match="must run after .quantize.sensitivity"):
         slimgraph.run(model, "quantize.mixed_precision,quantize.sensitivity", data=data(rng))
