@@ -426,30 +426,47 @@ class MseObserver(HistogramObserver):
         zero_bin = int(-self.histogram.start[c])
         if 0 <= zero_bin < len(counts):
             rounding_mass[zero_bin] = max(rounding_mass[zero_bin] - self.histogram.zeros[c], 0.0)
+        tails = _ClipError(counts, centers)
+        inside_cum = np.concatenate([[0.0], np.cumsum(rounding_mass)])
+
+        def inside(low, high):  # rounding mass of the bins whose centre is in [low, high]
+            return (inside_cum[np.searchsorted(centers, high, side="right")]
+                    - inside_cum[np.searchsorted(centers, low, side="left")])
+
         if self.symmetric:
-            bound = max(-lo, hi)
-            t = _candidates(bound)
-            clipped = np.maximum(np.abs(centers)[None, :] - t[:, None], 0.0)
-            clip_err = (clipped**2 * counts).sum(axis=1)
-            inside = ((np.abs(centers)[None, :] <= t[:, None]) * rounding_mass).sum(axis=1)
+            t = _candidates(max(-lo, hi))
             step = 2 * t / (2**self.bits - 2)
-            best = int(np.argmin(clip_err + inside * step**2 / 12))
+            total = tails.above(t) + tails.below(-t) + inside(-t, t) * step**2 / 12
+            best = int(np.argmin(total))
             return -float(t[best]), float(t[best])
         his = _candidates(max(hi, 0.0))
         los = -_candidates(max(-lo, 0.0))
-        over = np.maximum(centers[None, :] - his[:, None], 0.0)
-        under = np.maximum(los[:, None] - centers[None, :], 0.0)
-        err_hi = (over**2 * counts).sum(axis=1)  # [K_hi]
-        err_lo = (under**2 * counts).sum(axis=1)  # [K_lo]
-        # mass inside [l, h] = F(h) - F(l-), from cumulative sums at the candidates
-        cum = np.concatenate([[0.0], np.cumsum(rounding_mass)])
-        below_hi = np.interp(his, edges, cum)
-        below_lo = np.interp(los, edges, cum)
-        inside = below_hi[None, :] - below_lo[:, None]  # [K_lo, K_hi]
         step = (his[None, :] - los[:, None]) / (2**self.bits - 1)
-        total = err_lo[:, None] + err_hi[None, :] + inside * step**2 / 12
+        rounding = inside(los[:, None], his[None, :]) * step**2 / 12  # [K_lo, K_hi]
+        total = tails.below(los)[:, None] + tails.above(his)[None, :] + rounding
         i, j = np.unravel_index(int(np.argmin(total)), total.shape)
         return float(los[i]), float(his[j])
+
+
+class _ClipError:
+    """Squared clipping error of a histogram (mass `counts` at `centers`) for clipping
+    thresholds, in O(1) each from prefix sums of n, n*c and n*c^2:
+    sum over c > h of n (c - h)^2 = S2 - 2 h S1 + h^2 S0 (and the mirror for c < l)."""
+
+    def __init__(self, counts: np.ndarray, centers: np.ndarray):
+        self.centers = centers
+        moments = np.stack([counts, counts * centers, counts * centers**2])
+        self.prefix = np.concatenate([np.zeros((3, 1)), np.cumsum(moments, axis=1)], axis=1)
+
+    def above(self, h: np.ndarray) -> np.ndarray:
+        i = np.searchsorted(self.centers, h, side="right")
+        s0, s1, s2 = (self.prefix[:, -1:] - self.prefix[:, i])
+        return np.maximum(s2 - 2 * h * s1 + h**2 * s0, 0.0)
+
+    def below(self, l: np.ndarray) -> np.ndarray:
+        i = np.searchsorted(self.centers, l, side="left")
+        p0, p1, p2 = self.prefix[:, i]
+        return np.maximum(l**2 * p0 - 2 * l * p1 + p2, 0.0)
 
 
 def _candidates(bound: float) -> np.ndarray:
