@@ -15,7 +15,7 @@ activations are 8-bit, and why a node cannot be quantized.
 | CLAMP     | Relu, Clip                                 | folded into a range (FOLD), or a requantization |
 | RESCALE   | Mul, Div by a positive constant scalar     | nothing: the same bytes at another scale  |
 | COMPOSITE | HardSigmoid, HardSwish, SiLU (QuickGelu, Swish) | QLinearAdd / QLinearSigmoid + QLinearMul |
-| LUT       | any other elementwise function of one input (GELU, Tanh, Exp, Elu, 6 - x, ...) | an exact 256-entry table |
+| LUT       | any other function of one input (GELU, Tanh, Exp, 6 - x, ...) | an exact 256-entry table |
 
 Which inputs of a node carry activations (`data_inputs`) is part of the same table:
 the other inputs (shapes, axes, pads, indices) keep their types.

@@ -392,7 +392,7 @@ class _QOperator:
         q, qp = self.qval[value], self.qps[value]
         scale, zero = self.emit.qparams(qp, value.name)
         producer = q.producer()
-        node = self.emit.node("DequantizeLinear", [q, scale, zero], [(f"{value.name}_dequantized", value.dtype, value.shape)],
-                              after=producer)
+        node = self.emit.node("DequantizeLinear", [q, scale, zero],
+                              [(f"{value.name}_dequantized", value.dtype, value.shape)], after=producer)
         self.counts["DequantizeLinear"] += 1
         return node.outputs[0]

@@ -3,13 +3,15 @@
 What it does, in order:
 
 1. **Select** (`_ops.classify`, one table): each node of the main graph gets a kind (MAC,
-   BINARY, CONCAT, POOL, UNARY, SOFTMAX, SAME, CLAMP, LUT) or a reason to stay float
-   (no integer kernel, weight not constant, excluded, not float32). MACs (Conv, Gemm,
-   MatMul) are always quantized; the cheap ops only where an input already is 8-bit, so
-   no QuantizeLinear is spent on them, and not at a dead end (read only by float nodes or
-   as a graph output: an 8-bit result would be dequantized at once, one rounding more for
-   nothing; a hand-built LayerNorm's x * x feeding a float ReduceSum is the classic case). `exclude` (fnmatch patterns of node names, op
-   types or torch module paths) and `op_types` narrow the selection.
+   BINARY, CONCAT, POOL, UNARY, SOFTMAX, SAME, CLAMP, RESCALE, COMPOSITE, LUT) or a
+   reason to stay float (no integer kernel, weight not constant, excluded, not float32).
+   MACs (Conv, Gemm, MatMul) are always quantized; the other ops only where an input
+   already is 8-bit (no QuantizeLinear is spent on them), and the rounding ones not at a
+   dead end (read only by float nodes or as a graph output: the 8-bit result would be
+   dequantized at once, one rounding more for nothing; a hand-built LayerNorm's x * x
+   feeding a float ReduceSum is the classic case). `exclude` (fnmatch patterns of node
+   names, op types or torch module paths) and `op_types` narrow the selection. Nodes of
+   `If`/`Loop` bodies are not quantized.
 2. **Calibrate** the float tensors around the selected nodes on the context data
    (`observers.calibrate`, streaming, `calibration` method, first `samples` samples).
 3. **Choose qparams** (`qparams.QParams`): activations `activation_dtype` (uint8,
@@ -19,15 +21,17 @@ What it does, in order:
      implied by the 8-bit range and disappears (FOLD: zero point at 0 for Relu);
    - a tensor read only by a Concat takes the Concat's range, so the Concat copies bytes;
    - data-movement ops (MaxPool, Reshape, Transpose, Slice, Pad, ...) keep their input's
-     qparams and run on 8-bit data;
-   - a Relu/Clip whose input range does not imply it becomes a lookup table.
+     qparams and run on 8-bit data; Mul/Div by a positive scalar only rescales them;
+   - a Relu/Clip whose input range does not imply it is a requantization to its output
+     range when that range implies it, else a lookup table.
    The result is **recorded as annotations** on each node (`quantize` = kind,
    `qparams.input.<i>` / `qparams.output.<i>`), the contract with the lowerings.
 4. **Lower**: `format=qoperator` (default) -> `lower_qoperator` (QLinearConv, QGemm,
-   QLinearAdd, ..., 8-bit movement ops, exact 256-entry tables for every other
-   elementwise function); `format=qdq` -> `lower_qdq` (QuantizeLinear/DequantizeLinear
-   pairs around the same ops with the same parameters, for runtimes that fuse QDQ).
-   Nodes that stay float between 8-bit tensors are listed in a WARNING.
+   QLinearAdd, ..., 8-bit movement ops, QLinear recipes for HardSwish/HardSigmoid/SiLU,
+   exact 256-entry tables for every other elementwise function); `format=qdq` ->
+   `lower_qdq` (QuantizeLinear/DequantizeLinear pairs around the same ops with the same
+   parameters, for runtimes that fuse QDQ). Nodes that stay float between 8-bit tensors
+   are listed in a WARNING (and in the `float_nodes` statistic).
 
 **u8s8 saturation without VNNI** (`weight_bits="auto"`, the default). ORT's x86 kernels
 for uint8 x int8 add pairs of products in a saturating int16 (`pmaddubsw`) unless the
@@ -62,7 +66,16 @@ from slimgraph import data as sgdata
 from slimgraph.backends.op_kinds import OpKind, op_kind
 from slimgraph.errors import PassError
 from slimgraph.ir.model import Model
-from slimgraph.passes.base import Pass, PassConfig, PassContext, PassResult, choice, float_range, int_range, register_pass
+from slimgraph.passes.base import (
+    Pass,
+    PassConfig,
+    PassContext,
+    PassResult,
+    choice,
+    float_range,
+    int_range,
+    register_pass,
+)
 from slimgraph.passes.quantize import lower_qdq, lower_qoperator
 from slimgraph.passes.quantize._common import NodePlan, clear_plan, weight_axis, write_plan
 from slimgraph.passes.quantize._cpu import u8s8_saturates

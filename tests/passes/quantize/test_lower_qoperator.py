@@ -13,7 +13,6 @@ from slimgraph.passes.quantize import _cpu
 from tests.passes.quantize._static_models import (
     assert_integer_only,
     assert_within_steps,
-    error_in_steps,
     fake_quant_outputs,
     ops,
     outputs,

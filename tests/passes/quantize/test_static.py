@@ -191,7 +191,8 @@ def test_a_clamp_its_input_range_does_not_imply(clamp, kind, op):
     rng = np.random.default_rng(0)
     model = with_weights(f"""
     <ir_version: 10, opset_import: ["" : 21]>
-    g (float[N,4,8,8] x, float[4,4,1,1] w) => (float[N,4,8,8] y, float[N,4,8,8] z) <float one = {{1.0}}, float five = {{5.0}}> {{
+    g (float[N,4,8,8] x, float[4,4,1,1] w) => (float[N,4,8,8] y, float[N,4,8,8] z)
+      <float one = {{1.0}}, float five = {{5.0}}> {{
         c = Conv (x, w)
         a = Add (c, x)
         y = {clamp}
