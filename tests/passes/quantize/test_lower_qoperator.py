@@ -226,3 +226,22 @@ def test_int8_activations_lower_and_run():
     reference, got = fake_quant_outputs(model, data, data, activation_dtype="int8"), outputs(quantized, data)
     assert_within_steps(reference["prob"], got["prob"], 1)
     assert_within_steps(reference["logits"], got["logits"], 1)
+
+
+@pytest.mark.parametrize("out_channels, padded", [(16, True), (12, False)])
+def test_rgb_stem_gets_a_fourth_zero_channel(out_channels, padded):
+    """3 input channels -> 4 (zero weights, input padded with its zero point), so ORT can run
+    its ConvSym kernel; only where that kernel takes the output channels (multiple of 8, >= 16)."""
+    model = with_weights(f"""
+    <ir_version: 10, opset_import: ["" : 21]>
+    g (float[N,3,16,16] x, float[{out_channels},3,3,3] w) => (float[N,{out_channels},8,8] y) {{
+        y = Conv <pads = [1,1,1,1], strides = [2,2]> (x, w)
+    }}
+    """, w=RNG.normal(size=(out_channels, 3, 3, 3)))
+    data = {"x": RNG.normal(size=(4, 3, 16, 16)).astype(np.float32)}
+    quantized, stats = quantize(model, data)
+    assert ops(quantized)["Pad"] == int(padded) and stats["emitted"].get("channel pads", 0) == int(padded)
+    if padded:
+        conv = next(n for n in quantized.graph if n.op_type == "QLinearConv")
+        assert list(conv.inputs[3].const_value.shape) == [out_channels, 4, 3, 3]
+    assert_within_steps(fake_quant_outputs(model, data, data)["y"], outputs(quantized, data)["y"], 1)
