@@ -59,6 +59,22 @@ def test_digits_int8_keeps_accuracy_and_runs_integer_only(digits):
     check(quantized)
 
 
+@pytest.mark.parametrize("config", [{"per_channel": False}, {"activation_dtype": "int8"},
+                                    {"activation_dtype": "int8", "activation_symmetric": True},
+                                    {"calibration": "percentile"}, {"weight_dtype": "uint8"}])
+def test_digits_other_settings(digits, config):
+    float_model, data = digits
+    x, labels = data["input"], data["labels"]
+    quantized, stats = quantize(float_model, {"input": x}, **config)
+    assert stats["integer_mac_fraction"] == 1.0
+    top1 = float((outputs(quantized, {"input": x})["logits"].argmax(1) == labels).mean())
+    assert top1 >= 0.98, (config, top1)
+    conv = next(n for n in quantized.graph if n.op_type == "QLinearConv")
+    weight_scale = conv.inputs[4].const_value
+    assert list(weight_scale.shape) == ([] if config.get("per_channel") is False else [16])
+    assert conv.inputs[0].dtype.name == config.get("activation_dtype", "uint8").upper()
+
+
 def test_plan_is_recorded_as_annotations(digits):
     float_model, data = digits
     model = float_model.clone()
