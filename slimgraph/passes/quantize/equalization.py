@@ -96,8 +96,9 @@ def find_pair(first: Layer, layers: dict[ir.Node, Layer]) -> Pair | str:
     """The layer fed by `first` through scale-commuting nodes, or why there is none."""
     if not exclusive(first.weight_value, first.node):
         return "weight is shared or a graph input"
-    if isinstance(bias_vector(first), str):
-        return bias_vector(first)
+    bias = bias_vector(first)
+    if isinstance(bias, str):
+        return bias
     channel_axis, rank = first.channel_axis, (first.weight.ndim if first.node.op_type == "Conv" else None)
     value, adds, flattened = first.output, [], False
     while True:
@@ -113,21 +114,20 @@ def find_pair(first: Layer, layers: dict[ir.Node, Layer]) -> Pair | str:
                 return f"output is the weight of {node.op_type}"
             return _check_second(first, second, adds, channel_axis, flattened)
         data_inputs = [v for v in node.inputs if v is not None and constant(v) is None]
-        if len(data_inputs) != 1 or len(node.outputs) != 1:
+        if len(data_inputs) != 1:
             return f"{node.op_type} between the layers has other inputs"
-        if node.op_type in HOMOGENEOUS:
-            if node.op_type == "Dropout" and len(node.outputs) > 1:
-                return "Dropout with a mask output"
-        elif node.op_type == "Add":
+        if len([o for o in node.outputs if o.uses() or o.is_graph_output()]) != 1:
+            return f"{node.op_type} between the layers has other outputs in use"
+        if node.op_type == "Add":  # case 2
             c = constant(node.inputs[1 - index])
             if flattened or not _per_channel_constant(c, channel_axis, rank):
                 return "Add of a constant that is not per channel"
             adds.append((node, 1 - index))
-        elif node.op_type in FLATTENS and not flattened and channel_axis == 1 and _flattens_batch(node):
+        elif node.op_type in FLATTENS and not flattened and channel_axis == 1 and _flattens_batch(node):  # case 3
             flattened, channel_axis = True, -1
-        else:
+        elif node.op_type not in HOMOGENEOUS:  # case 4 (case 1 passes)
             return f"{node.op_type} between the layers does not commute with scaling"
-        value = node.outputs[0]
+        value = next(o for o in node.outputs if o.uses() or o.is_graph_output())
 
 
 def _check_second(first: Layer, second: Layer, adds, channel_axis: int, flattened: bool) -> Pair | str:
