@@ -96,6 +96,9 @@ from slimgraph.passes.rewrite import constant
 logger = logging.getLogger("slimgraph.passes.quantize.static")
 
 MAC_OPS = ("Conv", "Gemm", "MatMul")
+#: QOperator: QLinearConv arrives in opset 10, GatherElements and Pad with its pads as inputs
+#: in 11; QDQ: per-channel DequantizeLinear (axis) in 13.
+MIN_OPSET = {"qoperator": 11, "qdq": 13}
 #: Kinds that round once more; not worth it at a dead end (only float readers): the
 #: result would be dequantized right away, with the extra error and no integer op gained.
 #: (Not CLAMP: it mostly folds into its producer's range, free and more precise.)
@@ -349,6 +352,10 @@ class StaticQuantize(Pass):
         cfg = self.config
         if not ctx.data:
             raise PassError(self.name, "needs calibration data (--data D.npz)")
+        needed = MIN_OPSET[cfg.format]
+        if model.opset < needed:
+            raise PassError(self.name, f"format {cfg.format!r} needs opset >= {needed} (the model has "
+                            f"{model.opset}); run upgrade_opset first, as the int8 recipes do")
         data = sgdata.check(ctx.data, model, where="calibration data")
         n = min(cfg.samples, sgdata.count(data))
         data = {k: a[:n] for k, a in data.items()}

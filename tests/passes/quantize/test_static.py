@@ -322,6 +322,18 @@ def test_data_with_the_wrong_shape_is_a_clear_error(digits):
         slimgraph.run(float_model, "quantize.static", data={"input": np.zeros((4, 1, 9, 9), np.float32)})
 
 
+def test_old_opsets_ask_for_upgrade_opset():
+    model = with_weights("""
+    <ir_version: 7, opset_import: ["" : 12]>
+    g (float[N,4,8,8] x, float[4,4,1,1] w) => (float[N,4,8,8] y) { y = Conv (x, w) }
+    """, w=RNG.normal(size=(4, 4, 1, 1)))
+    data = {"x": RNG.normal(size=(4, 4, 8, 8)).astype(np.float32)}
+    with pytest.raises(PassError, match="format 'qdq' needs opset >= 13 .* run upgrade_opset"):
+        quantize(model, data, format="qdq")
+    quantized, _ = quantize(model, data)  # QOperator lowering needs opset 11
+    assert ops(quantized)["QLinearConv"] == 1
+
+
 def test_bad_config_is_a_pipeline_error():
     with pytest.raises(PipelineError, match="format must be one of"):
         get_pass("quantize.static")(format="qlinear")
