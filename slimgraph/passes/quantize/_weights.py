@@ -10,8 +10,8 @@ editing the graph with fresh names.
    for attention's activation x activation MatMuls.
 2. `find_gathers(model, exclude)`: Gather nodes reading rows of a constant 2-D float32
    table (embeddings) with axis 0.
-3. `matches(node, patterns)`: fnmatch of the node's name, its provenance (torch module
-   path) and its weight's name against user patterns (`exclude: ["*attention*"]`).
+3. `matches(node, patterns)`: fnmatch of the node's name, its output's name, its
+   provenance (torch module path) and its weight's name against user patterns (`exclude: ["*attention*"]`).
 4. `GraphEditor`: new initializers and nodes with names unique in the model, inserted
    before the node they replace, the replaced output's consumers (and graph outputs,
    names kept) moved to the new value, the old nodes and float weights nobody reads any
@@ -37,8 +37,9 @@ SOURCE_KEY = "quantize.source"
 
 
 def matches(node: ir.Node, patterns: Sequence[str], weight: ir.Value | None = None) -> str | None:
-    """The first pattern matching the node's name, provenance or weight name, if any."""
-    names = [node.name or "", Model.provenance(node) or ""]
+    """The first pattern matching the node's name, its first output's name, its provenance
+    or its weight's name, if any."""
+    names = [node.name or "", node.outputs[0].name or "", Model.provenance(node) or ""]
     if weight is not None and weight.name:
         names.append(weight.name)
     for pattern in patterns:
@@ -52,13 +53,17 @@ class Linear:
     """One layer `A @ W (+ bias)` with a constant weight."""
 
     node: ir.Node
-    activation: ir.Value
     weight_value: ir.Value
     #: float32 [K, N], oriented so that the layer computes A @ weight
     weight: np.ndarray
     bias: np.ndarray | None
     #: the Add folded into the layer (the MatMul's only consumer), if any
     bias_node: ir.Node | None
+
+    @property
+    def activation(self) -> ir.Value:
+        """A, read from the node (an earlier replacement may have moved it to a new value)."""
+        return self.node.inputs[0]
 
     @property
     def output(self) -> ir.Value:
@@ -116,7 +121,7 @@ def _matmul(node: ir.Node) -> Linear | str:
         return "activation is 1-D"
     folded = _foldable_bias(node.outputs[0], w.shape[1])
     bias, add = folded if folded is not None else (None, None)
-    return Linear(node, node.inputs[0], node.inputs[1], w, bias, add)
+    return Linear(node, node.inputs[1], w, bias, add)
 
 
 def _gemm(node: ir.Node) -> Linear | str:
@@ -139,7 +144,7 @@ def _gemm(node: ir.Node) -> Linear | str:
         if c.size not in (1, n) or (c.ndim == 2 and c.shape[0] != 1):
             return "Gemm bias does not broadcast as [N]"
         bias = np.broadcast_to(c.reshape(-1) * np.float32(attrs.get_float("beta", 1.0)), (n,)).astype(np.float32)
-    return Linear(node, node.inputs[0], node.inputs[1], w, bias, None)
+    return Linear(node, node.inputs[1], w, bias, None)
 
 
 _LINEAR_OPS = {"MatMul": _matmul, "Gemm": _gemm}
