@@ -380,8 +380,8 @@ def _mobilenet_v3_block_opset11(path):
         def __init__(self):
             super().__init__()
             self.stem = nn.Sequential(nn.Conv2d(3, 16, 3, 2, 1, bias=False), nn.BatchNorm2d(16))
-            self.blocks = nn.Sequential(Block(16, 64, 24, 2), Block(24, 72, 24, 1), Block(24, 96, 40, 2))
-            self.head = nn.Linear(40, 10)
+            self.blocks = nn.Sequential(Block(16, 64, 24, 2), Block(24, 72, 24, 1))
+            self.head = nn.Linear(24, 10)
 
         def forward(self, x):
             x = self.blocks(hswish(self.stem(x)))
@@ -411,7 +411,7 @@ def _mobilenet_v3_block_opset11(path):
 def v3_block(tmp_path_factory):
     path = _mobilenet_v3_block_opset11(tmp_path_factory.mktemp("v3") / "v3_opset11.onnx")
     rng = np.random.default_rng(0)
-    return path, {"input": rng.normal(size=(32, 3, 64, 64)).astype(np.float32)}
+    return path, {"input": rng.normal(size=(16, 3, 64, 64)).astype(np.float32)}
 
 
 def test_int8_recipe_on_an_opset11_model_with_constant_weights(v3_block, tmp_path):
@@ -423,12 +423,12 @@ def test_int8_recipe_on_an_opset11_model_with_constant_weights(v3_block, tmp_pat
     check(quantized)
     out = tmp_path / "v3.int8.onnx"
     slimgraph.save(quantized, out)
-    assert out.stat().st_size < 0.6 * path.stat().st_size  # names and value infos weigh in on so small a model
+    assert out.stat().st_size < 0.7 * path.stat().st_size  # names and value infos weigh in on so small a model
     float_bytes = slimgraph.run(path, "optimize").model.analysis("params")["bytes"]
     assert quantized.analysis("params")["bytes"] < 0.4 * float_bytes
     stats = result.report.rows[-1].stats
     assert stats["integer_mac_fraction"] == 1.0 and stats["float_nodes"] == []
-    assert stats["kinds"]["composite"] >= 7  # HardSwish: QLinearAdd + QLinearMul
+    assert stats["kinds"]["composite"] >= 5  # HardSwish: QLinearAdd + QLinearMul
     counts = ops(quantized)
     assert not {"HardSwish", "HardSigmoid", "Mul", "Clip", "Div"} & set(counts)
     assert_integer_only(quantized, {"input": data["input"][:1]})
