@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 import tempfile
 from pathlib import Path
@@ -43,6 +44,7 @@ MAC_OPS = {"Conv", "Gemm", "MatMul", "FusedConv", "FusedGemm", "FusedMatMul", "Q
 TARGETS = {"resnet18": 2.0, "mobilenet_v2": 1.6}
 #: what went wrong on the way, printed under the tables
 NOTES: list[str] = []
+LOAD = os.getloadavg()
 
 
 def ort_quantizer(src: Path, calib: list[dict], out: Path, variant: str) -> Path:
@@ -168,7 +170,7 @@ def report(results: dict, digit_rows: list[dict], args) -> tuple[str, list[str]]
     lines = [
         "# Static int8: slimgraph vs onnxruntime.quantization",
         "",
-        f"Machine: {common.machine()}. ORT CPU, batch 1, {args.threads} threads, {args.repeats} x {args.runs} "
+        f"Machine: {common.machine()}, load average {LOAD[0]:.1f} at the start (shared machine). ORT CPU, batch 1, {args.threads} threads, {args.repeats} x {args.runs} "
         "interleaved runs (fresh sessions each time); speed-up = 1 / median of the paired ratios to the float "
         "model's time in the same round; \"control\" is the float model timed against itself (the noise "
         f"floor). Calibration: {args.calib} random images (both quantizers); error and top-1 agreement on {args.check} other random images "
