@@ -1,8 +1,7 @@
 """Exact 256-entry lookup tables for elementwise functions of one 8-bit tensor.
 
-An 8-bit tensor takes only 256 values, so any elementwise f (HardSwish, GELU, Tanh, Exp,
-x / 6, a Relu whose bounds the input's range does not imply, ...) followed by
-requantization is a table:
+An 8-bit tensor takes only 256 values, so any elementwise f (GELU, Tanh, Exp, Elu, 6 - x,
+a Clip(1, 5) no 8-bit range implies, ...) followed by requantization is a table:
 
     table[i] = quantize_out(f(dequantize_in(q_i)))      q_i = the 8-bit value with index i
 
@@ -12,7 +11,9 @@ optimizations off: f is evaluated by the same float kernel (same attributes, sam
 operands) that the float model runs, so the table op is exactly dequant -> f -> quant.
 
 `emit` lowers one function to a GatherElements lookup (see there); ORT takes int32/int64
-indices only, hence a Cast. Index i is the 8-bit value's bit pattern read as unsigned for
+indices only, hence a Cast. A lookup costs about 3 ns per element in ORT, several times a
+QLinear op: functions with a QLinear form (HardSwish, SiLU, Relu, x / 6, ...) take that
+instead (`_ops.py`). Index i is the 8-bit value's bit pattern read as unsigned for
 uint8 and as signed for int8 (negative indices count from the end), so the int8 table is
 ordered 0..127, -128..-1 and no offset is needed.
 
@@ -37,7 +38,6 @@ from slimgraph.passes.rewrite import constant
 
 logger = logging.getLogger("slimgraph.passes.quantize.lut")
 
-LUT_KEY = "quantize.lut"
 _ONNX_DTYPE = {"uint8": onnx.TensorProto.UINT8, "int8": onnx.TensorProto.INT8}
 
 
@@ -140,7 +140,6 @@ def emit(emitter: Emitter, source: ir.Node, xq: ir.Value, table: np.ndarray, out
                           attributes={"axis": 0}, source=source, before=source)
     unflat = emitter.node("Reshape", [gather.outputs[0], entry.shape],
                           [(f"{out.name}_quantized", table_dtype(table), out.shape)], source=source, before=source)
-    Model.annotate(gather, LUT_KEY, True)
     return unflat.outputs[0]
 
 
