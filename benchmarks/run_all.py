@@ -10,7 +10,9 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-BENCHMARKS = ["cleanup_vs_ort.py", "import_speed.py", "quantize.py"]
+BENCHMARKS = [
+    "cleanup_vs_ort.py", "import_speed.py", "quantize.py", "quantize_static.py", "calibration_memory.py",
+]
 
 
 def main() -> int:

@@ -210,7 +210,13 @@ def cmd_run(args) -> int:
     result = manager.run(model, ctx)
     save(result.model, dst)
     if args.report:
-        _write_atomic(Path(args.report), result.report.to_markdown())
+        from slimgraph.passes.quantize.sensitivity import layer_report, layer_report_markdown
+
+        text = result.report.to_markdown()
+        layers = layer_report(result.model)
+        if layers:  # written by quantize.sensitivity / quantize.mixed_precision
+            text += "\n## Per-layer quantization sensitivity\n\n" + layer_report_markdown(layers)
+        _write_atomic(Path(args.report), text)
     if not args.quiet:
         out.print(result.report.to_rich(changed_only=not args.verbose))
         out.print(f"wrote {dst} ({dst.stat().st_size:,} bytes)")

@@ -319,10 +319,14 @@ class _Progress:
 
 
 def run(model: Any, pipeline: Any, *, data: Mapping[str, np.ndarray] | None = None, labels=None,
-        verify: bool = False, seed: int = 0, progress: bool = False, **options: Any) -> RunResult:
-    """Load `model` if needed, run `pipeline` on a copy, return the new model and a report."""
+        verify: bool = False, seed: int = 0, progress: bool = False,
+        options: Mapping[str, Any] | None = None, **manager_options: Any) -> RunResult:
+    """Load `model` if needed, run `pipeline` on a copy, return the new model and a report.
+
+    `options` reach the passes as `PassContext.options` (e.g. `{"metric": fn}` for
+    `quantize.mixed_precision`); other keywords configure the `PassManager`."""
     from slimgraph.ir.io import load
 
     m = load(model)
-    ctx = PassContext(data=data, labels=labels, seed=seed, progress=progress)
-    return PassManager(pipeline, verify=verify, progress=progress, **options).run(m, ctx)
+    ctx = PassContext(data=data, labels=labels, seed=seed, progress=progress, options=dict(options or {}))
+    return PassManager(pipeline, verify=verify, progress=progress, **manager_options).run(m, ctx)

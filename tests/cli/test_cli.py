@@ -283,3 +283,16 @@ def test_quantize_names_a_missing_recipe(model_path, tmp_path, capsys, monkeypat
     out_path = tmp_path / "q.onnx"
     assert_bad_input(capsys, ["quantize", model_path, "--data", tmp_path / "d.npz", "-o", out_path, "--format", "qdq"],
                      "'int8-qdq' recipe", out_path=out_path)
+
+
+def test_run_report_has_the_per_layer_sensitivity_table(tmp_path, capsys):
+    from slimgraph import zoo
+
+    data = tmp_path / "calib.npz"
+    np.savez(data, input=zoo.digits_data().x_train[:16])
+    report = tmp_path / "r.md"
+    code, _, err = run_cli(capsys, "run", zoo.digits_cnn(), "-p", "optimize,quantize.sensitivity,quantize.mixed_precision",
+                           "-o", tmp_path / "o.onnx", "--data", data, "--report", report, "-q")
+    assert code == 0, err
+    text = report.read_text()
+    assert "## Per-layer quantization sensitivity" in text and "| 1 |" in text and "SQNR" in text
