@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 import onnx_ir as ir
 
-from slimgraph.ir.model import Model
+from slimgraph.ir.model import ANNOTATION_PREFIX, Model
 from slimgraph.passes.quantize._ops import Kind
 from slimgraph.passes.quantize.qparams import QParams
 
@@ -60,7 +60,9 @@ def read_plan(node: ir.Node) -> NodePlan | None:
 
 
 def clear_plan(node: ir.Node) -> None:
-    for key in [k for k in node.metadata_props if k.startswith(("slimgraph.quantize", "slimgraph.qparams."))]:
+    """Remove a plan's annotations (only those: other passes' `quantize.*` keys stay)."""
+    kind_key = f"{ANNOTATION_PREFIX}{KIND_KEY}"
+    for key in [k for k in node.metadata_props if k == kind_key or k.startswith(f"{ANNOTATION_PREFIX}qparams.")]:
         del node.metadata_props[key]
 
 

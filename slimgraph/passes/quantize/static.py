@@ -10,8 +10,9 @@ What it does, in order:
    dead end (read only by float nodes or as a graph output: the 8-bit result would be
    dequantized at once, one rounding more for nothing; a hand-built LayerNorm's x * x
    feeding a float ReduceSum is the classic case). `exclude` (fnmatch patterns of node
-   names, op types or torch module paths) and `op_types` narrow the selection. Nodes of
-   `If`/`Loop` bodies are not quantized.
+   names, op types or torch module paths), `op_types` and the `quantize.skip` annotations
+   of `quantize.mixed_precision` narrow the selection. Nodes of `If`/`Loop` bodies are
+   not quantized.
 2. **Calibrate** the float tensors around the selected nodes on the context data
    (`observers.calibrate`, streaming, `calibration` method, first `samples` samples).
 3. **Choose qparams** (`qparams.QParams`): activations `activation_dtype` (uint8,
@@ -90,6 +91,7 @@ from slimgraph.passes.quantize._ops import (
     rescale_factor,
     uses_qgemm,
 )
+from slimgraph.passes.quantize.mixed_precision import SKIP_KEY
 from slimgraph.passes.quantize.qparams import QParams
 from slimgraph.passes.rewrite import constant
 
@@ -161,6 +163,9 @@ def select(model: Model, exclude: tuple[str, ...] = (), op_types: tuple[str, ...
             continue
         if (pattern := _matches(node, exclude)) is not None:
             reasons[node] = f"excluded by {pattern!r}"
+            continue
+        if Model.annotation(node, SKIP_KEY) is True:
+            reasons[node] = "kept in float by quantize.mixed_precision"
             continue
         if op_types is not None and node.op_type not in op_types:
             reasons[node] = "its op type is not in op_types"

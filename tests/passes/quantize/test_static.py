@@ -11,6 +11,7 @@ from slimgraph import zoo
 from slimgraph.backends import ort
 from slimgraph.errors import PassError, PipelineError
 from slimgraph.ir.check import check
+from slimgraph.ir.model import Model
 from slimgraph.passes import PassContext, get_pass
 from slimgraph.passes.quantize import _cpu
 from slimgraph.passes.quantize._common import read_plan
@@ -289,6 +290,18 @@ def test_the_warning_names_the_float_nodes_between_8bit_tensors(caplog):
     assert "1 node(s) stay float between 8-bit tensors" in caplog.text
     assert "(Sub: Sub of two activations has no integer kernel)" in caplog.text
     assert len(stats["float_nodes"]) == 1
+
+
+def test_layers_mixed_precision_keeps_in_float_stay_float(digits):
+    float_model, data = digits
+    model = float_model.clone()
+    conv = next(n for n in model.graph if n.name == "node_Conv_16")
+    Model.annotate(conv, "quantize.skip", True)
+    Model.annotate(conv, "quantize.precision", "float")
+    quantized, stats = quantize(model, {"input": data["input"][:64]})
+    assert "node_Conv_16 (Conv)" in stats["float_nodes"]
+    kept = next(n for n in quantized.graph if n.name == "node_Conv_16")
+    assert kept.op_type == "Conv" and Model.annotation(kept, "quantize.precision") == "float"
 
 
 def test_op_types_limits_the_selection(digits):
