@@ -6,7 +6,9 @@ Use them through `model.analysis(name)`:
              copy (the model itself is not touched); symbolic dims stay strings.
 - "params":  {"params": count, "bytes": bytes} of all initializers (subgraphs included).
 - "macs":    {node name: multiply-accumulates} for Conv, ConvTranspose, Gemm, MatMul
-             (batched/attention-shaped MatMuls included); symbolic dims count as 1.
+             (batched/attention-shaped MatMuls included) and their integer forms
+             (QLinearConv, ConvInteger, QGemm, QLinearMatMul, MatMulInteger,
+             DynamicQuantizeMatMul, MatMulNBits); symbolic dims count as 1.
 - "consumers": {value name: [node names that read it]}.
 """
 
@@ -121,8 +123,8 @@ def _node_macs(node: ir.Node, shp: dict) -> int:
         return _dims(entry[1]) if entry else None
 
     op = node.op_type
-    if op == "Conv":
-        w, y = dims(1), dims(0, outputs=True)
+    if op in ("Conv", "ConvInteger", "QLinearConv"):
+        w, y = dims(3 if op == "QLinearConv" else 1), dims(0, outputs=True)
         if w is None or y is None or len(w) < 2:
             return 0
         # every output element: Cin/group * prod(kernel) MACs = w[1] * prod(w[2:])
@@ -132,14 +134,14 @@ def _node_macs(node: ir.Node, shp: dict) -> int:
         if x is None or w is None or len(w) < 2:
             return 0
         return math.prod(x) * math.prod(w[1:])
-    if op == "Gemm":
+    if op in ("Gemm", "QGemm"):
         a, y = dims(0), dims(0, outputs=True)
         if a is None or y is None or len(a) != 2:
             return 0
         trans_a = node.attributes.get_int("transA", 0)
         k = a[0] if trans_a else a[1]
         return math.prod(y) * k
-    if op in ("MatMul", "MatMulInteger", "QLinearMatMul"):
+    if op in ("MatMul", "MatMulInteger", "QLinearMatMul", "DynamicQuantizeMatMul", "MatMulNBits"):
         a, y = dims(0), dims(0, outputs=True)
         if a is None or y is None or not a:
             return 0

@@ -191,6 +191,10 @@ class PassManager:
             if self.verify:
                 check(model, where=f"after pass {p.name!r}")
         except SlimgraphError as e:
+            if e.exit_code == 2 and not isinstance(e, PassError):
+                # Bad input found by a pass (data that does not fit, an op it cannot take):
+                # keep the type, so the CLI still exits 2, and name the pass.
+                raise type(e)(f"pass {p.name!r}: {e}") from e
             raise self._failed(p, snapshot, e) from e
         except (ValueError, TypeError, KeyError, IndexError, AttributeError, RuntimeError) as e:
             # A bug in the pass: keep the traceback chained, add the reproducer.

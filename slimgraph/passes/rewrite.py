@@ -208,7 +208,7 @@ class _Builder:
         self._run = run
 
     def initializer(self, array: np.ndarray | ir.TensorProtocol, name: str) -> ir.Value:
-        tensor = array if isinstance(array, ir.TensorProtocol) else ir.tensor(np.ascontiguousarray(array))
+        tensor = array if isinstance(array, ir.TensorProtocol) else ir.tensor(np.asarray(array, order="C"))  # keeps 0-d scalars 0-d
         return self._tape.initializer(tensor, name=self._run.fresh_name(name))
 
     def __getattr__(self, name: str) -> Any:

@@ -184,3 +184,16 @@ def test_unknown_analysis():
     with pytest.raises(KeyError, match="unknown analysis 'flops'"):
         parse(CONV.replace(", b)", ")")).analysis("flops")
 
+
+
+def test_integer_kernels_count_their_macs():
+    import slimgraph
+    from slimgraph import zoo
+
+    model = slimgraph.load(zoo.digits_cnn())
+    q = slimgraph.run(model, "int8", data={"input": zoo.digits_data().x_train[:16]}).model
+    macs = q.analysis("macs")
+    integer = [n for n in q.graph if n.op_type in ("QLinearConv", "QGemm")]
+    assert integer and all(macs.get(n.name, 0) > 0 for n in integer)
+    # The int8 stem reads 4 channels (3 zero-padded) instead of 1: never fewer MACs than float.
+    assert sum(macs.values()) >= sum(model.analysis("macs").values())

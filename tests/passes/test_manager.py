@@ -115,3 +115,23 @@ def test_verify_without_data_on_a_model_that_needs_real_inputs_says_so():
         slimgraph.run(model, "cleanup", verify=True)
     ok = slimgraph.run(model, "cleanup", verify=True, data={"x": np.ones((2, 4), np.float32)})
     assert ok.report.rows
+
+
+@register_pass
+class _BadData(Pass):
+    """Test pass that finds the data unusable."""
+
+    name = "test.bad_data"
+
+    def run(self, model, ctx):
+        from slimgraph.errors import DataError
+
+        raise DataError("sample 3 has the wrong shape")
+
+
+def test_bad_input_found_by_a_pass_keeps_its_type_and_names_the_pass():
+    from slimgraph.errors import DataError
+
+    with pytest.raises(DataError, match="pass 'test.bad_data': sample 3 has the wrong shape") as e:
+        slimgraph.run(parse(MODEL), "test.bad_data")
+    assert e.value.exit_code == 2
