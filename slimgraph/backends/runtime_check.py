@@ -429,9 +429,12 @@ def _pair_saturation(graph: _Graph, node, sig, ranges) -> dict | None:
         return None
     r, p = np.unravel_index(int(np.argmax(excess)), excess.shape)
     worst = int(high[r, p]) if high[r, p] - INT16_MAX >= INT16_MIN - low[r, p] else int(low[r, p])
+    zp_name = node.inputs[sig.x_zero_point] if sig.x_zero_point is not None and sig.x_zero_point < len(node.inputs) else ""
+    zero_point = graph.constant(zp_name) if zp_name else None
     return {
         "worst_pair_sum": worst, "worst_pair": [int(v) for v in pairs[r, p]], "output_channel": int(r),
         "activation": x_name, "activation_range": [int(lo), int(hi)], "observed": bool(observed),
+        "activation_zero_point": None if zero_point is None or zero_point.size != 1 else int(zero_point),
         "rows": int(pairs.shape[0]), "rows_at_risk": int((excess > 0).any(-1).sum()),
         "max_abs_weight": int(np.abs(rows).max()),
     }
@@ -500,14 +503,18 @@ def _node_cause(graph: _Graph, node: ort.RuntimeNode, island: set[str], cpu: Cpu
             source = graph.producer[source.inputs[0]]
         if source is None or source.kind is not OpKind.INTEGER and source.op_type != "DynamicQuantizeLinear":
             continue
+        named = f"{source.qualified_op} {source.name!r}"
         if source.op_type == "DynamicQuantizeLinear":
-            what = "the scale of DynamicQuantizeLinear"
+            why = f"computes on the scale of {named} (dynamic quantization works out every scale in float)"
         elif graph.dtype(source.outputs[0]) == "int32":
-            what = f"the int32 result of {source.qualified_op}"
+            why = f"rescales the int32 result of {named} to float (dynamic quantization has no fused kernel for it)"
+        elif signature(source.op_type, source.domain) and signature(source.op_type, source.domain).x_dtype or \
+                source.op_type == "MatMulIntegerToFloat":
+            why = f"computes on the float result of {named} (dynamic quantization returns every result in float)"
         else:
-            what = f"the float result of {source.qualified_op}"
-        return result(Cause.FLOAT_RESULT, f"{label} computes on {what} {source.name!r} "
-                      "(dynamic quantization rescales every result in float)")
+            why = (f"computes on the float result of {named}, which dequantizes its own output (no output "
+                   "zero point), so what follows it runs in float")
+        return result(Cause.FLOAT_RESULT, f"{label} {why}")
 
     kernels = integer_kernels(node.op_type, node.domain)
     from_dq = {v: p for v, p in producers.items() if p is not None and p.op_type == "DequantizeLinear"}

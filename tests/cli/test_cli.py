@@ -296,3 +296,26 @@ def test_run_report_has_the_per_layer_sensitivity_table(tmp_path, capsys):
     assert code == 0, err
     text = report.read_text()
     assert "## Per-layer quantization sensitivity" in text and "| 1 |" in text and "SQNR" in text
+
+
+def test_quantize_end_to_end(tmp_path, capsys):
+    """A small CNN through `slimgraph quantize` (the int8 recipe) and `inspect --runtime`."""
+    proto = onnx.parser.parse_model("""
+    <ir_version: 8, opset_import: ["" : 17]>
+    g (float[1,3,8,8] x) => (float[1,8,8,8] y) {
+        c = Conv<pads=[1,1,1,1]>(x, w)
+        y = Relu(c)
+    }
+    """)
+    rng = np.random.default_rng(0)
+    proto.graph.initializer.append(onnx.numpy_helper.from_array(rng.standard_normal((8, 3, 3, 3)).astype(np.float32), "w"))
+    src, dst, report = tmp_path / "cnn.onnx", tmp_path / "cnn.int8.onnx", tmp_path / "r.md"
+    onnx.save(proto, src)
+    data = tmp_path / "calib.npz"
+    np.savez(data, x=rng.standard_normal((16, 3, 8, 8)).astype(np.float32))
+    code, out, err = run_cli(capsys, "quantize", src, "--data", data, "-o", dst, "--report", report, "-q")
+    assert code == 0, err
+    assert "quantize.static" in report.read_text()
+    code, out, _ = run_cli(capsys, "inspect", dst, "--runtime", "--json")
+    info = json.loads(out)
+    assert info["integer_mac_share"] == 1.0 and info["quantize_at_inputs"] == 1
