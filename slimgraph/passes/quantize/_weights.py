@@ -270,6 +270,10 @@ class GraphEditor:
             self._replaced_weights.update(v for v in node.inputs if v is not None and v.const_value is not None)
         self.graph.remove(list(old_nodes), safe=True)
 
+    def mark_replaced(self, value: ir.Value) -> None:
+        """A constant input a pass has stopped reading: dropped later if nothing else reads it."""
+        self._replaced_weights.add(value)
+
     def drop_unused_weights(self) -> int:
         """Remove the replaced nodes' constant inputs that nothing reads any more."""
         dropped = 0
