@@ -58,7 +58,8 @@ from slimgraph.errors import SlimgraphError  # noqa: E402
 from slimgraph.passes.pipeline import recipe_names  # noqa: E402
 
 WORK = common.CACHE / "quantize"
-BENCH_SECONDS = 8.0
+BENCH_SECONDS = 15.0
+SESSION_SETS = 3
 FLOAT, CONTROL = "float", "float (control)"
 ORT_QOP, ORT_QDQ, ORT_DYN = "ORT static QOperator U8S8 per-channel", "ORT static default (QDQ S8S8)", "ORT dynamic"
 NNCF = "NNCF PTQ"
@@ -314,7 +315,7 @@ def measure(subject: Subject, runs: int, threads: int) -> list[Row]:
     for batch, feeds in subject.feeds.items():
         live = {r.tool: r.path for r in rows if r.path is not None}
         subject.runs[batch] = _runs(subject.path, feeds, len(live), runs, threads)
-        stats = ort.bench(live, feeds, runs=subject.runs[batch], warmup=5, threads=threads)
+        stats = _bench(live, feeds, subject.runs[batch], threads)
         for row in rows:
             if row.tool in stats:
                 row.ms[batch] = stats[row.tool].median
@@ -322,6 +323,19 @@ def measure(subject: Subject, runs: int, threads: int) -> list[Row]:
     control = next(r for r in rows if r.tool == CONTROL)
     control.metric = next(r for r in rows if r.tool == FLOAT).metric
     return rows
+
+
+def _bench(models: dict[str, Path], feeds, runs: int, threads: int) -> dict[str, ort.BenchStats]:
+    """`ort.bench` in SESSION_SETS calls of runs / SESSION_SETS rounds, each with fresh
+    sessions, the rounds pooled: the same model in two sessions can differ by several
+    percent for a whole run here (memory placement, thread wake-ups), which interleaving
+    cannot cancel but fresh sessions average out."""
+    per = -(-runs // SESSION_SETS)
+    times: dict[str, list[float]] = {name: [] for name in models}
+    for _ in range(SESSION_SETS):
+        for name, stats in ort.bench(models, feeds, runs=per, warmup=5, threads=threads).items():
+            times[name] += stats.times
+    return {name: ort.BenchStats.from_times(t, threads=threads, provider="cpu") for name, t in times.items()}
 
 
 def _runs(path: Path, feeds, models: int, runs: int, threads: int) -> int:
@@ -436,13 +450,14 @@ def report(results: list[tuple[Subject, list[Row]]], goals: list[Target], runs: 
         f"Machine: {common.machine()}; {cpu.model or cpu.arch}, "
         f"{'VNNI' if cpu.vnni else 'no VNNI' if cpu.vnni is False else 'VNNI unknown'}; "
         f"onnxruntime {onnxruntime.__version__}{_nncf_version()}. Latency: ORT CPU, {threads} threads, spinning off, "
-        f"all rows of a model interleaved round-robin, median of {runs} runs (more for fast models: about {BENCH_SECONDS:.0f} s of rounds, up to {20 * runs}) after 5 warm-up runs; speed-up = 1 / "
+        f"all rows of a model interleaved round-robin, median of {runs} runs (more for fast models: about {BENCH_SECONDS:.0f} s of rounds, up to {20 * runs}) in {SESSION_SETS} sets of fresh sessions, each after 5 warm-up runs; speed-up = 1 / "
         "the median over rounds of (time / float's time in the same round); the control row is the float model "
         "timed against itself (its distance from 1.00x is the noise floor). int MACs: share of Conv/Gemm/MatMul "
-        "multiply-accumulates ORT runs in integer kernels; Q (at inputs) / DQ (at outputs): QuantizeLinear and "
-        "activation DequantizeLinear nodes in ORT's optimized graph, and how many sit at the model's inputs / "
-        "outputs; float islands and pitfalls: `slimgraph inspect --runtime` (see "
-        "slimgraph/backends/runtime_check.py).\n",
+        "multiply-accumulates ORT runs in integer kernels; Q (at inputs) / DQ (at outputs): nodes of ORT's "
+        "optimized graph that quantize float activations (QuantizeLinear, DynamicQuantizeLinear, ...) / "
+        "dequantize them (DequantizeLinear of activations, integer kernels with float outputs such as "
+        "MatMulIntegerToFloat), and how many read a model input / write a model output; float islands and "
+        "pitfalls: `slimgraph inspect --runtime` (slimgraph/backends/runtime_check.py).\n",
         "## Targets\n",
         common.markdown_table(["model", "target", "met", "measured"],
                               [[g.model, g.what, "yes" if g.met else "**NO**", g.detail] for g in goals]),
@@ -465,20 +480,31 @@ def _nncf_version() -> str:
 
 
 def plot(results: list[tuple[Subject, list[Row]]], path: Path) -> None:
-    fig, axes = plt.subplots(1, len(results), figsize=(4.2 * len(results), 4.2), squeeze=False)
-    for ax, (subject, rows) in zip(axes[0], results):
+    """One panel per model: speed-up vs float (batch 1) against the accuracy metric; one
+    colour and marker per tool across panels (stars: slimgraph)."""
+    tools = [FLOAT, *dict.fromkeys(t for s, _ in results for t in s.tools)]
+    colors = {t: plt.get_cmap("tab10")(i % 10) for i, t in enumerate(tools)}
+    cols = 2
+    rows_n = (len(results) + cols - 1) // cols
+    fig, axes = plt.subplots(rows_n, cols, figsize=(12, 4.2 * rows_n), squeeze=False)
+    for ax, (subject, rows) in zip(axes.flat, results):
         for r in rows:
             if r.tool == CONTROL or 1 not in r.speedup or 1 not in r.metric:
                 continue
-            marker = "*" if r.tool.startswith("slimgraph") else "o" if r.tool != FLOAT else "s"
-            ax.scatter(r.speedup[1], r.metric[1], marker=marker, s=90 if marker == "*" else 40)
-            ax.annotate(r.tool.replace("ORT static ", "ORT ").replace("slimgraph ", "sg "),
-                        (r.speedup[1], r.metric[1]), fontsize=7, xytext=(3, 3), textcoords="offset points")
-        ax.set_title(subject.name)
-        ax.set_xlabel("speed-up vs float (batch 1)")
+            star = r.tool.startswith("slimgraph")
+            ax.scatter(r.speedup[1], r.metric[1], color=colors[r.tool], marker="*" if star else "o",
+                       s=160 if star else 50, label=r.tool, edgecolors="black" if star else "none", linewidths=0.5)
+        ax.axvline(1.0, color="grey", linewidth=0.8, linestyle=":")
+        ax.set_title(f"{subject.name} ({subject.note})", fontsize=10)
+        ax.set_xlabel("speed-up vs float, batch 1 (right is faster)")
         ax.set_ylabel(subject.metric)
+        ax.ticklabel_format(axis="y", useOffset=False, style="plain")
         ax.grid(alpha=0.3)
-    fig.tight_layout()
+    for ax in list(axes.flat)[len(results):]:
+        ax.axis("off")
+    handles = {h.get_label(): h for ax in axes.flat for h in ax.collections if h.get_label() in colors}
+    fig.legend(handles.values(), handles.keys(), loc="lower center", ncol=4, frameon=False, fontsize=9)
+    fig.tight_layout(rect=(0, 0.08, 1, 1))
     fig.savefig(path, dpi=120)
     plt.close(fig)
 

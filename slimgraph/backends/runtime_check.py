@@ -349,7 +349,7 @@ def pitfalls(
             "than u8s8; quantize activations as uint8, or emit QDQ, which ORT converts to u8s8",
             s8s8))
     if saturating:
-        worst = max(saturating, key=lambda n: details[n]["worst_pair_sum"])
+        worst = max(saturating, key=lambda n: abs(details[n]["worst_pair_sum"]))
         d = details[worst]
         vnni = ("this CPU has no VNNI" if cpu.vnni is False
                 else "VNNI support of this CPU is unknown (no /proc/cpuinfo flags)")
