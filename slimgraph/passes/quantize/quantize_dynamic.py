@@ -19,9 +19,10 @@ batch itself, so no calibration data is needed):
    (`ConvInteger`, what onnxruntime's quantizer emits) runs 2.8-3.6x *slower* than float
    Conv on x86 without VNNI (measured on magika), while the im2col product runs ~1.4x
    faster than the float Conv, so Conv is lowered this way or not at all. Convs with
-   more than `max_conv_taps` kernel taps (3x3 and larger) stay float: the per-tap
-   slices cost more memory traffic than int8 saves (`quantize.static` is the path for
-   CNNs).
+   more than `max_conv_taps` kernel taps stay float: the default (7) covers 1-D kernels
+   like magika's 5x1 (measured: 1.4x); for 3x3 and larger kernels the gain was not
+   measured and each tap is one more copy of the input (`quantize.static` is the path
+   for CNNs). Needs opset >= 11 (Slice steps, Pad pads as an input).
 3. Gather from a constant [V, D] table (embeddings, `embeddings=True`): the table is
    stored as uint8 with one scale per block of D (`com.microsoft.GatherBlockQuantized`,
    bits=8, zero point 128), 4x smaller; the rows are dequantized after the gather.
@@ -284,6 +285,8 @@ class QuantizeDynamic(Pass):
             return "Conv input rank unknown (run infer_shapes first)"
         if spatial < 1 or x_rank != spatial + 2:
             return "Conv input rank does not match its weight"
+        if editor.model.opset < 11:
+            return "Conv as im2col needs opset >= 11"
         auto_pad = attrs.get_string("auto_pad", "NOTSET")
         if auto_pad not in ("NOTSET", "VALID"):
             return f"Conv auto_pad={auto_pad}"
