@@ -8,7 +8,9 @@ batch itself, so no calibration data is needed):
    alpha) is quantized per output column (`per_channel`, default) or per tensor, and
    the layer becomes `com.microsoft.DynamicQuantizeMatMul(A, Wq, scale, zero_point,
    bias)`. The bias is folded in: a Gemm's C (times beta) when it broadcasts as [N], or
-   the constant [N] of an `Add` that is the MatMul's only consumer.
+   the constant [N] of an `Add` that is the MatMul's only consumer. Layers reading the
+   same activation (attention's Q, K, V) share one `DynamicQuantizeLinear` and each
+   become `com.microsoft.MatMulIntegerToFloat(A_q, Wq, a_scale, scale, a_zp, zp, bias)`.
    `format="integer"` writes standard ops instead (`DynamicQuantizeLinear` ->
    `MatMulInteger` -> `Cast` -> `Mul` by both scales -> `Add` bias), for runtimes
    without ORT's contrib ops; ORT fuses them back into `MatMulIntegerToFloat`.
@@ -192,8 +194,10 @@ class QuantizeDynamic(Pass):
             stats["skipped"]["weight smaller than min_weight_elements"] += len(small)
             linears = [lin for lin in linears if lin.weight.size >= cfg.min_weight_elements]
         cache: dict = {}
+        readers = collections.Counter(lin.activation for lin in linears)
+        shared: dict[ir.Value, tuple[ir.Value, ...] | None] = {a: None for a, n in readers.items() if n > 1}
         for linear in linears:
-            self._linear(editor, linear, cache)
+            self._linear(editor, linear, cache, shared)
             stats["matmul"] += 1
         if "Conv" in cfg.op_types:
             for node in [n for n in model.graph if n.op_type == "Conv" and n.domain in ("", "ai.onnx")]:
@@ -241,26 +245,45 @@ class QuantizeDynamic(Pass):
         return values
 
     # -- MatMul / Gemm --------------------------------------------------------------------------
-    def _linear(self, editor: GraphEditor, linear: Linear, cache: dict) -> None:
+    def _linear(self, editor: GraphEditor, linear: Linear, cache: dict, shared: dict) -> None:
         key = (linear.weight_value, linear.node.op_type, linear.node.attributes.get_int("transB", 0),
                linear.node.attributes.get_float("alpha", 1.0))
         wq, scale, zp = self._quantized(editor, linear.weight, linear.weight_value.name or linear.name, cache, key)
         bias = editor.initializer(linear.bias, f"{linear.name}_bias") if linear.bias is not None else None
-        nodes, out = self._product(editor, linear.activation, wq, scale, zp, bias, linear.node)
+        nodes, out = self._product(editor, linear.activation, wq, scale, zp, bias, linear.node, shared)
         editor.replace(linear.nodes, linear.output, nodes, out)
 
-    def _product(self, editor: GraphEditor, a: ir.Value, wq, scale, zp, bias, source: ir.Node):
-        """Nodes computing A @ dequantize(Wq) (+ bias); returns (nodes, output value)."""
+    def _product(self, editor: GraphEditor, a: ir.Value, wq, scale, zp, bias, source: ir.Node,
+                 shared: dict | None = None):
+        """Nodes computing A @ dequantize(Wq) (+ bias); returns (nodes, output value).
+        An activation several layers read (attention's Q, K and V) is quantized once:
+        one DynamicQuantizeLinear feeding a `MatMulIntegerToFloat` per layer (contrib
+        format), where each layer's own DynamicQuantizeMatMul would quantize it again."""
+        shared = shared if shared is not None else {}
+        new: list[ir.Node] = []
+        if a in shared and shared[a] is None:
+            dq = editor.node("", "DynamicQuantizeLinear", [a], source=source, num_outputs=3)
+            new.append(dq)
+            shared[a] = tuple(dq.outputs)
         if self.config.format == "contrib":
-            node = editor.node(MS_DOMAIN, "DynamicQuantizeMatMul", [a, wq, scale, zp, bias], source=source)
-            return [node], node.outputs[0]
-        dq = editor.node("", "DynamicQuantizeLinear", [a], source=source, num_outputs=3)
-        a_q, a_scale, a_zp = dq.outputs
+            if a in shared:
+                a_q, a_scale, a_zp = shared[a]
+                node = editor.node(MS_DOMAIN, "MatMulIntegerToFloat", [a_q, wq, a_scale, scale, a_zp, zp, bias],
+                                   source=source)
+            else:
+                node = editor.node(MS_DOMAIN, "DynamicQuantizeMatMul", [a, wq, scale, zp, bias], source=source)
+            return new + [node], node.outputs[0]
+        if a in shared:
+            a_q, a_scale, a_zp = shared[a]
+        else:
+            dq = editor.node("", "DynamicQuantizeLinear", [a], source=source, num_outputs=3)
+            new.append(dq)
+            a_q, a_scale, a_zp = dq.outputs
         mm = editor.node("", "MatMulInteger", [a_q, wq, a_zp, zp], source=source)
         cast = editor.node("", "Cast", [mm.outputs[0]], source=source, to=int(ir.DataType.FLOAT))
         mul_a = editor.node("", "Mul", [cast.outputs[0], a_scale], source=source)
         mul_w = editor.node("", "Mul", [mul_a.outputs[0], scale], source=source)
-        nodes = [dq, mm, cast, mul_a, mul_w]
+        nodes = [*new, mm, cast, mul_a, mul_w]
         if bias is not None:
             nodes.append(editor.node("", "Add", [mul_w.outputs[0], bias], source=source))
         return nodes, nodes[-1].outputs[0]

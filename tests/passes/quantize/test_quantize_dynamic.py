@@ -126,6 +126,25 @@ def test_gemm_with_trans_b_alpha_and_beta(rng):
     assert rel_err(ref, out) < 1e-5
 
 
+def test_layers_reading_one_activation_quantize_it_once(rng):
+    """Attention's Q, K, V: one DynamicQuantizeLinear, three MatMulIntegerToFloat, each
+    exactly its integer reference."""
+    ws = [rng.standard_normal((64, 32)).astype(np.float32) for _ in range(3)]
+    b = rng.standard_normal(32).astype(np.float32)
+    text = f"""{HEADER} g (float[2, 8, 64] x) => (float[2, 8, 32] q, float[2, 8, 32] k, float[2, 8, 32] v) {{
+        q = MatMul(x, wq)
+        k = MatMul(x, wk)
+        m = MatMul(x, wv)
+        v = Add(m, b)
+    }}"""
+    model = quantize(with_weights(text, wq=ws[0], wk=ws[1], wv=ws[2], b=b)).model
+    assert [n.op_type for n in model.graph] == ["DynamicQuantizeLinear"] + ["MatMulIntegerToFloat"] * 3
+    x = rng.standard_normal((2, 8, 64)).astype(np.float32)
+    out = ort_outputs(model, {"x": x})
+    for name, w, bias in (("q", ws[0], None), ("k", ws[1], None), ("v", ws[2], b)):
+        assert rel_err(integer_reference(x, w, bias, **DEFAULT_WEIGHTS), out[name]) < 1e-5
+
+
 def test_a_shared_weight_is_stored_once(rng):
     w = rng.standard_normal((64, 64)).astype(np.float32)
     text = f"{HEADER} g (float[2, 64] x) => (float[2, 64] y) {{ h = MatMul(x, w)\n y = MatMul(h, w) }}"
