@@ -6,12 +6,10 @@ import numpy as np
 import onnx
 import pytest
 
-from slimgraph.errors import DataError
-
 import slimgraph
 from slimgraph import zoo
 from slimgraph.backends import ort
-from slimgraph.errors import PassError, PipelineError
+from slimgraph.errors import DataError, PassError, PipelineError
 from slimgraph.ir.check import check
 from slimgraph.ir.model import Model
 from slimgraph.passes import PassContext, get_pass
