@@ -26,49 +26,17 @@ import json
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 import tracemalloc
 from pathlib import Path
 
 import common
+from common import PeakRSS
 import numpy as np
 
 HERE = Path(__file__).resolve().parent
 METHODS = ("minmax", "percentile", "entropy", "mse")
 LIMIT = 1.2
-
-
-class PeakRSS:
-    """Peak resident set size above the level at entry, sampled in a thread."""
-
-    def __init__(self, interval: float = 0.002):
-        import psutil
-
-        self.process = psutil.Process()
-        self.interval = interval
-        self.start = self.peak = 0
-        self._stop = threading.Event()
-
-    def _sample(self) -> None:
-        while not self._stop.is_set():
-            self.peak = max(self.peak, self.process.memory_info().rss)
-            time.sleep(self.interval)
-
-    def __enter__(self) -> PeakRSS:
-        self.start = self.peak = self.process.memory_info().rss
-        self._thread = threading.Thread(target=self._sample, daemon=True)
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._stop.set()
-        self._thread.join()
-        self.peak = max(self.peak, self.process.memory_info().rss)
-
-    @property
-    def delta_mb(self) -> float:
-        return (self.peak - self.start) / 2**20
 
 
 def float_activations(model) -> list[str]:

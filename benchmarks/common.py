@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import dataclasses
 import sys
+import threading
+import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -122,3 +124,35 @@ def machine() -> str:
     return (f"{platform.processor() or platform.machine()}, {psutil.cpu_count(logical=False)} physical / "
             f"{psutil.cpu_count()} logical cores, Python {platform.python_version()}, "
             f"onnxruntime {onnxruntime.__version__}")
+
+
+class PeakRSS:
+    """Peak resident set size above the level at entry, sampled in a thread."""
+
+    def __init__(self, interval: float = 0.002):
+        import psutil
+
+        self.process = psutil.Process()
+        self.interval = interval
+        self.start = self.peak = 0
+        self._stop = threading.Event()
+
+    def _sample(self) -> None:
+        while not self._stop.is_set():
+            self.peak = max(self.peak, self.process.memory_info().rss)
+            time.sleep(self.interval)
+
+    def __enter__(self) -> PeakRSS:
+        self.start = self.peak = self.process.memory_info().rss
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, self.process.memory_info().rss)
+
+    @property
+    def delta_mb(self) -> float:
+        return (self.peak - self.start) / 2**20

@@ -21,11 +21,11 @@ import ctypes
 import gc
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
 import common
+from common import PeakRSS
 import numpy as np
 import onnx
 import psutil
@@ -67,35 +67,6 @@ def synthetic_model(nodes: int = 10_000, width: int = 16, seed: int = 0) -> onnx
         weights,
     )
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
-
-
-class PeakRSS:
-    """Peak resident set size above the value at entry, sampled in a thread (bytes)."""
-
-    def __init__(self, interval: float = 0.002):
-        self.interval, self.process = interval, psutil.Process()
-        self.start = self.peak = 0
-        self._stop = threading.Event()
-
-    def _sample(self) -> None:
-        while not self._stop.is_set():
-            self.peak = max(self.peak, self.process.memory_info().rss)
-            time.sleep(self.interval)
-
-    def __enter__(self) -> PeakRSS:
-        self.start = self.peak = self.process.memory_info().rss
-        self._thread = threading.Thread(target=self._sample, daemon=True)
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._stop.set()
-        self._thread.join()
-        self.peak = max(self.peak, self.process.memory_info().rss)
-
-    @property
-    def delta_mb(self) -> float:
-        return (self.peak - self.start) / 2**20
 
 
 def _release_memory() -> None:
