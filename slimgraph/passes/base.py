@@ -9,7 +9,7 @@ A pass is one small class in one file:
         class Config(PassConfig):
             epsilon_check: float = float_range(0.0, 1e-3, default=0.0)
         def run(self, model, ctx):
-            ...
+            count = fold_every_pair(model)      # the rewrite itself
             return PassResult(model, modified=count > 0, stats={"folded": count})
 
 Passes mutate the model in place; the `PassManager` clones the pipeline's input first,
@@ -19,6 +19,7 @@ changed: the manager's fixed points and the search's cache depend on it.
 
 from __future__ import annotations
 
+import abc
 import dataclasses
 import importlib.metadata
 import logging
@@ -129,7 +130,7 @@ def _has_module(name: str) -> bool:
     return importlib.util.find_spec(name) is not None
 
 
-class Pass:
+class Pass(abc.ABC):
     """Base class of every pass. Subclasses set the class attributes and `run`."""
 
     name: ClassVar[str] = ""
@@ -163,8 +164,9 @@ class Pass:
         doc = (cls.__doc__ or "").strip()
         return doc.splitlines()[0] if doc else ""
 
-    def run(self, model: Model, ctx: PassContext) -> PassResult:  # pragma: no cover - abstract
-        raise NotImplementedError(f"{type(self).__name__}.run")
+    @abc.abstractmethod
+    def run(self, model: Model, ctx: PassContext) -> PassResult:
+        """Transform `model` in place; return PassResult(model, modified, stats)."""
 
     def __call__(self, model: Model, ctx: PassContext | None = None) -> PassResult:
         ctx = ctx or PassContext()
