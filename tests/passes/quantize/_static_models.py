@@ -40,7 +40,7 @@ def ops(model: Model) -> collections.Counter:
 
 
 def outputs(model: Model, feeds: dict) -> dict[str, np.ndarray]:
-    return ort.run(ort.session(model), feeds)
+    return ort.run(ort.session(model, threads=1), feeds)  # one thread: deterministic sums
 
 
 def assert_integer_only(model: Model, feeds: dict) -> ort.RuntimeReport:
@@ -80,4 +80,4 @@ def fake_quant_outputs(model: Model, data: dict, feeds: dict, **config) -> dict[
     the integer model does; only accumulation order and requantization rounding differ,
     so an integer model should match it within about one output step."""
     qdq, _ = quantize(model, data, format="qdq", **config)
-    return ort.run(ort.session(qdq, optimization="disable"), feeds)
+    return ort.run(ort.session(qdq, optimization="disable", threads=1), feeds)
