@@ -12,7 +12,7 @@ batch itself, so no calibration data is needed):
    same activation (attention's Q, K, V) share one `DynamicQuantizeLinear` and each
    become `com.microsoft.MatMulIntegerToFloat(A_q, Wq, a_scale, scale, a_zp, zp, bias)`.
    `format="integer"` writes standard ops instead (`DynamicQuantizeLinear` ->
-   `MatMulInteger` -> `Cast` -> `Mul` by both scales -> `Add` bias), for runtimes
+   `MatMulInteger` -> `Cast` -> `Mul` by a_scale * scale -> `Add` bias), for runtimes
    without ORT's contrib ops; ORT fuses them back into `MatMulIntegerToFloat`.
 2. Conv (group 1, constant weight, explicit or VALID padding) as an im2col product:
    `Transpose` to channels-last, one `Slice` per kernel tap (strides as steps,
@@ -279,13 +279,14 @@ class QuantizeDynamic(Pass):
             dq = editor.node("", "DynamicQuantizeLinear", [a], source=source, num_outputs=3)
             new.append(dq)
             a_q, a_scale, a_zp = dq.outputs
+        # The shape ORT's MatMulIntegerToFloat fusion matches: Cast(MatMulInteger) * (a_scale * scale).
         mm = editor.node("", "MatMulInteger", [a_q, wq, a_zp, zp], source=source)
         cast = editor.node("", "Cast", [mm.outputs[0]], source=source, to=int(ir.DataType.FLOAT))
-        mul_a = editor.node("", "Mul", [cast.outputs[0], a_scale], source=source)
-        mul_w = editor.node("", "Mul", [mul_a.outputs[0], scale], source=source)
-        nodes = [*new, mm, cast, mul_a, mul_w]
+        scales = editor.node("", "Mul", [a_scale, scale], source=source)
+        mul = editor.node("", "Mul", [cast.outputs[0], scales.outputs[0]], source=source)
+        nodes = [*new, mm, cast, scales, mul]
         if bias is not None:
-            nodes.append(editor.node("", "Add", [mul_w.outputs[0], bias], source=source))
+            nodes.append(editor.node("", "Add", [mul.outputs[0], bias], source=source))
         return nodes, nodes[-1].outputs[0]
 
     # -- Conv as im2col ---------------------------------------------------------------------------

@@ -103,7 +103,7 @@ def test_weight_variants_match_their_integer_reference(rng, config):
     assert rel_err(x @ w, out) < 0.05
 
 
-def test_standard_integer_format_matches_the_contrib_op(rng):
+def test_standard_integer_format_matches_the_contrib_op(rng, tmp_path):
     w = rng.standard_normal((64, 32)).astype(np.float32)
     b = rng.standard_normal(32).astype(np.float32)
     x = rng.standard_normal((2, 8, 64)).astype(np.float32)
@@ -112,6 +112,13 @@ def test_standard_integer_format_matches_the_contrib_op(rng):
     assert all(n.domain == "" for n in standard.graph)
     out = ort_outputs(standard, {"x": x})["y"]
     assert rel_err(integer_reference(x, w, b, **DEFAULT_WEIGHTS), out) < 1e-5
+    # written in the shape ORT's own fusion recognizes: it runs one fused kernel
+    import onnx
+
+    from slimgraph.backends import ort
+
+    ort.session(standard, optimized_model_path=tmp_path / "opt.onnx")
+    assert [n.op_type for n in onnx.load(str(tmp_path / "opt.onnx")).graph.node] == ["DynamicQuantizeMatMul"]
 
 
 def test_gemm_with_trans_b_alpha_and_beta(rng):
