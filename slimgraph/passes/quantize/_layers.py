@@ -144,10 +144,9 @@ def weight_bits(layer: Layer, setting: str | int, target: str = "cpu") -> int:
     target "cpu"), except depthwise convolutions, else 8 (see static.py)."""
     if setting != "auto":
         return int(setting)
-    from slimgraph.passes.quantize._cpu import u8s8_saturates
-    from slimgraph.passes.quantize._ops import is_depthwise
+    from slimgraph.passes.quantize._cpu import auto_weight_bits
 
-    return 8 if is_depthwise(layer.node) or target != "cpu" or not u8s8_saturates() else 7
+    return auto_weight_bits(layer.node, target=target)
 
 
 def weight_qparams(layer: Layer, bits: int = 8) -> QParams:

@@ -79,14 +79,13 @@ from slimgraph.passes.base import (
 )
 from slimgraph.passes.quantize import lower_qdq, lower_qoperator
 from slimgraph.passes.quantize._common import NodePlan, clear_plan, weight_axis, write_plan
-from slimgraph.passes.quantize._cpu import u8s8_saturates
+from slimgraph.passes.quantize._cpu import auto_weight_bits, u8s8_saturates
 from slimgraph.passes.quantize._ops import (
     Kind,
     binary_constant,
     classify,
     clip_bounds,
     data_inputs,
-    is_depthwise,
     mac_weight,
     rescale_factor,
     uses_qgemm,
@@ -254,9 +253,9 @@ class _Planner:
         setting = self.config.weight_bits
         if setting != "auto":
             return int(setting)
-        if self.config.weight_dtype == "uint8" or is_depthwise(node) or not self.saturating_cpu:
+        if not self.saturating_cpu:
             return 8
-        return 7
+        return auto_weight_bits(node, weight_dtype=self.config.weight_dtype)
 
     def weight(self, node: ir.Node) -> QParams:
         w = mac_weight(node)
