@@ -30,6 +30,7 @@ import numpy as np
 from slimgraph.errors import DataError, PassError, PipelineError, SlimgraphError
 from slimgraph.ir.check import check
 from slimgraph.ir.model import Model
+from slimgraph.passes import contracts
 from slimgraph.passes.base import REQUIREMENTS, Pass, PassContext
 from slimgraph.passes.pipeline import FixedPoint, Pipeline, Step, order_violations, parse
 
@@ -190,6 +191,9 @@ class PassManager:
                 model.ir, model.version = result.model.ir, result.model.version
             if self.verify:
                 check(model, where=f"after pass {p.name!r}")
+            broken = contracts.check(model) if result.modified else []
+            if broken:
+                raise PassError(p.name, "; ".join(broken))
         except SlimgraphError as e:
             if e.exit_code == 2 and not isinstance(e, PassError):
                 # Bad input found by a pass (data that does not fit, an op it cannot take):
