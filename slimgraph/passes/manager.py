@@ -69,12 +69,17 @@ class Report:
         lines = []
         for r in self.rows:
             err = "" if r.error is None else f"{r.error:.2e}"
-            stats = ", ".join(f"{k}={v}" for k, v in r.stats.items() if v not in (0, {}, None, []))
+            stats = ", ".join(f"{k}={v}" for k, v in r.stats.items()
+                              if k != TABLE and v not in (0, {}, None, []))
             lines.append(
                 f"| {r.name} | {'yes' if r.modified else 'no'} | {r.seconds:.3f} | {_delta(r.nodes)} | "
                 f"{_delta(r.params)} | {_delta(r.bytes)} | {_delta(r.macs)} | {err} | {stats} |"
             )
-        return f"Pipeline: `{self.pipeline}` ({self.seconds:.2f} s)\n\n" + head + "\n".join(lines) + "\n"
+        text = f"Pipeline: `{self.pipeline}` ({self.seconds:.2f} s)\n\n" + head + "\n".join(lines) + "\n"
+        for r in self.rows:
+            if r.stats.get(TABLE):
+                text += f"\n## {r.name}: per layer\n\n" + _table_markdown(r.stats[TABLE]) + "\n"
+        return text
 
     def to_rich(self, *, changed_only: bool = False):
         """A rich table; `changed_only` hides passes that left the model as it was."""
@@ -92,6 +97,18 @@ class Report:
                       _delta(r.params), _delta(r.bytes), _delta(r.macs),
                       "" if r.error is None else f"{r.error:.1e}")
         return t
+
+
+#: A pass's stats may hold a per-layer table under this key (a list of dicts with the same
+#: keys, e.g. name / channels before / channels after / MACs): the markdown report renders it.
+TABLE = "table"
+
+
+def _table_markdown(rows: list[dict[str, Any]]) -> str:
+    headers = list(rows[0])
+    lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
+    lines += ["| " + " | ".join(str(row.get(h, "")) for h in headers) + " |" for row in rows]
+    return "\n".join(lines)
 
 
 def _delta(pair: tuple[int, int]) -> str:
