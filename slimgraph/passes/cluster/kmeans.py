@@ -1,0 +1,145 @@
+"""cluster.kmeans: k-means weight clustering (weight sharing within a tensor or channel).
+
+Every selected weight (Conv / ConvTranspose / Gemm / MatMul weights that are constants,
+and Gather embedding tables) is replaced by its nearest centroid, with one codebook of K
+values per tensor or per output channel. The model stays a plain dense float model (any
+later pass and any runtime can read it); `pack.clusters` then stores each clustered
+tensor as packed indices + codebook, which is where the file gets small, and the int8
+recipes quantize the centroids (a monotone map, so a channel still takes at most K values).
+
+Pruned zeros stay exactly zero (`preserve_zeros`): zeros are left out of the clustering
+and the non-zeros get K - 1 centroids, so the zero value plus the codebook is still K
+values. A "clusters" contract records each clustered tensor's shape, K and axis; the
+PassManager fails any later pass that leaves a recorded tensor with more than K distinct
+values per channel (e.g. cross-layer equalization, which rescales input channels).
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from slimgraph.errors import PassError
+from slimgraph.ir.model import Model
+from slimgraph.passes import contracts
+from slimgraph.passes.base import Pass, PassConfig, PassContext, PassResult, choice, int_range, register_pass
+from slimgraph.passes.cluster import _kmeans1d
+from slimgraph.passes.cluster._select import Target, distinct_per_row, select, set_weight
+
+CONTRACT = "clusters"
+
+
+@register_pass
+class ClusterKMeans(Pass):
+    """k-means weight clustering: each weight tensor or channel takes at most K shared values."""
+
+    name = "cluster.kmeans"
+    exact = False
+    # BatchNorm folding and equalization rescale channels (a per-tensor codebook would become
+    # one per channel), so they come first; quantizers map the codebook, so they come after.
+    after = ("fold_batchnorm", "quantize.equalize", "quantize.smoothquant", "prune.*")
+    before = ("pack.*", "quantize.static", "quantize.dynamic", "quantize.weight_only", "quantize.fp8")
+
+    class Config(PassConfig):
+        #: values per codebook (2-256); 16 packs to 4 bits, 4 to 2 bits
+        k: int = int_range(2, 256, default=16, log=True)
+        #: one codebook per output channel ("channel") or per tensor
+        granularity: str = choice("channel", "tensor", default="channel")
+        #: centroid initialisation
+        init: str = choice("kmeans++", "linear", "density", default="kmeans++")
+        #: Lloyd iterations (early stop on convergence)
+        iterations: int = int_range(1, 300, default=25)
+        #: weights with fewer elements stay as they are
+        min_size: int = 1024
+        #: also cluster Gather tables (embeddings)
+        embeddings: bool = True
+        #: pruned zeros stay exactly zero (zeros are not clustered)
+        preserve_zeros: bool = True
+        #: fnmatch patterns of node names, op types, torch module paths or weight names to leave alone
+        exclude: tuple[str, ...] = ()
+
+    def run(self, model: Model, ctx: PassContext) -> PassResult:
+        cfg = self.config
+        targets = select(model, min_size=cfg.min_size, embeddings=cfg.embeddings, exclude=cfg.exclude,
+                         where=self.name)
+        if not targets:
+            return PassResult(model, False, {"layers": 0})
+        rng = ctx.rng()
+        table, records = [], []
+        total_before = total_after = 0
+        for t in targets:
+            if cfg.k > t.array.size:
+                raise PassError(self.name, f"k={cfg.k} is larger than the {t.array.size} weights of layer "
+                                f"{t.layer!r} (weight {t.value.name!r}); lower k or exclude the layer")
+            granularity = cfg.granularity
+            if granularity == "channel" and t.rows("channel").shape[1] < 2 * cfg.k:
+                granularity = "tensor"  # channels shorter than ~2K values: per-channel codebooks cost more than they save
+            rows = t.rows(granularity)
+            clustered, k_used = self._cluster(rows, rng)
+            new = t.from_rows(clustered, granularity)
+            err = float(np.linalg.norm(new - t.array) / (np.linalg.norm(t.array) + 1e-30))
+            set_weight(model, t, new)
+            records.append({"id": t.value.name, "shape": list(new.shape), "k": cfg.k,
+                            "axis": t.channel_axis, "per": granularity})
+            bits = max(1, math.ceil(math.log2(cfg.k)))
+            before = t.array.nbytes
+            after = math.ceil(new.size * bits / 8) + rows.shape[0] * cfg.k * 4
+            total_before, total_after = total_before + before, total_after + after
+            table.append({"layer": t.layer, "op": t.op, "shape": "x".join(map(str, new.shape)),
+                          "K": k_used, "codebooks": f"{rows.shape[0]} ({granularity})", "bytes": f"{before} -> {after} (packed)",
+                          "rel. error": f"{err:.4f}"})
+        for record in records:
+            contracts.add(model, CONTRACT, record)
+        stats = {"layers": len(targets), "k": cfg.k, "granularity": cfg.granularity,
+                 "bytes_packed_estimate": f"{total_before} -> {total_after}", "table": table}
+        return PassResult(model, True, stats)
+
+    def _cluster(self, rows: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, int]:
+        cfg = self.config
+        zeros = rows == 0
+        keep_zero = cfg.preserve_zeros and zeros.any()
+        data = np.where(zeros, np.nan, rows) if keep_zero else rows.astype(np.float64)
+        k = cfg.k - 1 if keep_zero else cfg.k
+        if k < 1:
+            raise PassError(self.name, "k=2 with preserve_zeros leaves one centroid for the non-zeros; use k >= 3")
+        centroids, labels = _kmeans1d.fit(data, k, init=cfg.init, rng=rng, iterations=cfg.iterations)
+        out = np.take_along_axis(centroids, np.maximum(labels, 0), axis=1)
+        if keep_zero:
+            out = np.where(labels < 0, 0.0, out)
+        return out.astype(rows.dtype), cfg.k
+
+
+@contracts.check_for(CONTRACT)
+def _clusters_hold(model: Model, record: dict) -> str | None:
+    """Some constant of the recorded shape still takes at most K values per channel.
+    Integer lowerings may store the weight transposed (QGemm) or with zero-padded input
+    channels (QLinearConv of a 3-channel stem): those count, read back to the recorded shape."""
+    shape = tuple(record["shape"])
+    k, axis = record["k"], record["axis"]
+    fewest = None
+    for value in model.graph.initializers.values():
+        if value.const_value is None or len(value.const_value.shape) != len(shape):
+            continue
+        for array, ax in _views(value.const_value, shape, axis):
+            # per channel even for a per-tensor codebook: per-channel quantization maps each
+            # channel's values on its own scale (still <= K values per channel)
+            rows = np.moveaxis(array, ax, 0).reshape(array.shape[ax], -1)
+            worst = int(distinct_per_row(rows).max())
+            if worst <= k:
+                return None
+            fewest = worst if fewest is None else min(fewest, worst)
+    if fewest is None:
+        return f"no weight of shape {list(shape)} is left (was {record['id']!r})"
+    return f"weight {record['id']!r} ({list(shape)}) now takes {fewest} values per channel, more than k={k}"
+
+
+def _views(tensor, shape: tuple[int, ...], axis: int):
+    """(array cut to `shape`, channel axis) for each way `tensor` can hold the recorded weight."""
+    dims = tuple(tensor.shape)
+    if dims == shape:
+        yield tensor.numpy(), axis
+    elif len(shape) == 2 and dims == shape[::-1]:
+        yield tensor.numpy().T, axis
+    elif dims[0] == shape[0] and all(d >= s for d, s in zip(dims, shape)):
+        yield tensor.numpy()[tuple(slice(0, s) for s in shape)], axis
