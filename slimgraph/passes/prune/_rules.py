@@ -1,0 +1,424 @@
+"""Per-op channel rules for `channels.analyze`: one function per op family, in one table.
+
+Each rule reads its node's inputs' channel spaces from the builder `b`, gives its outputs a
+space, records the constant slices the channels index, and marks spaces unsafe (with a
+reason) where it cannot prove the channel mapping.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx_ir as ir
+
+from slimgraph.passes.prune.channels import (
+    BINARY, POOLS, REDUCE, UNARY, _Builder, _dims, _Info, keep_index,
+)
+from slimgraph.passes.prune.channels import _constant as constant
+from slimgraph.passes.prune.channels import _set_constant as set_constant
+
+
+def _rank(value: ir.Value | None) -> int | None:
+    d = _dims(value)
+    return None if d is None else len(d)
+
+
+def _ints(node: ir.Node, attr: str, index: int) -> list[int] | None:
+    """An int list given as attribute `attr` (old opsets) or constant input `index`."""
+    if attr in node.attributes:
+        return list(node.attributes[attr].value)
+    if index < len(node.inputs) and node.inputs[index] is not None:
+        a = constant(node.inputs[index])
+        return None if a is None else [int(x) for x in a.reshape(-1)]
+    return None
+
+
+def _need(b: _Builder, node: ir.Node, value: ir.Value, axis: int, factor_ok: bool = False) -> _Info | None:
+    """The value's space, marked unsafe unless its channels sit on `axis` (unflattened)."""
+    info = b.get(value)
+    if info is None:
+        return None
+    if info.axis is not None and info.axis != axis:
+        b.unsafe(info.key, f"{node.op_type} {node.name!r} reads axis {axis}, channels are on axis {info.axis}")
+    if info.factor != 1 and not factor_ok:
+        b.unsafe(info.key, f"{node.op_type} {node.name!r} reads flattened channels")
+    return info
+
+
+# --- weight layers ------------------------------------------------------------------------------
+def conv(b: _Builder, node: ir.Node) -> None:
+    x, w = node.inputs[0], node.inputs[1]
+    bias = node.inputs[2] if len(node.inputs) > 2 else None
+    weight = constant(w)
+    xi = _need(b, node, x, 1)
+    out = node.outputs[0]
+    if weight is None or xi is None:
+        return b.touch_unknown(node, "Conv with a non-constant weight")
+    group = node.attributes.get_int("group", 1)
+    if group == 1:
+        b.slice(xi, w, 1, node, "consumer")
+        oi = b.new_space(out, 1)
+        b.slice(oi, w, 0, node, "producer")
+        b.slice(oi, bias, 0, node, "producer")
+    elif weight.shape[1] == 1 and weight.shape[0] == group:
+        # depthwise, multiplier 1: output channel c is input channel c filtered alone
+        b.info[out.name] = _Info(xi.key, 1)
+        b.slice(xi, w, 0, node, "depthwise")
+        b.slice(xi, bias, 0, node, "depthwise")
+        b.fixups.append((_fix_group, [xi.key], node))
+    else:
+        b.unsafe(xi.key, f"grouped Conv {node.name!r} (group={group}) is not handled")
+        b.new_space(out, 1, f"output of grouped Conv {node.name!r}")
+
+
+def _fix_group(analysis, keep, roots, node: ir.Node) -> None:
+    node.attributes["group"] = ir.AttrInt64("group", len(keep_index(analysis, roots[0], keep)))
+
+
+def conv_transpose(b: _Builder, node: ir.Node) -> None:
+    x, w = node.inputs[0], node.inputs[1]
+    bias = node.inputs[2] if len(node.inputs) > 2 else None
+    xi = _need(b, node, x, 1)
+    if constant(w) is None or xi is None or node.attributes.get_int("group", 1) != 1:
+        return b.touch_unknown(node, "ConvTranspose with a non-constant weight or groups")
+    b.slice(xi, w, 0, node, "consumer")
+    oi = b.new_space(node.outputs[0], 1)
+    b.slice(oi, w, 1, node, "producer")
+    b.slice(oi, bias, 0, node, "producer")
+
+
+def gemm(b: _Builder, node: ir.Node) -> None:
+    a, w = node.inputs[0], node.inputs[1]
+    c = node.inputs[2] if len(node.inputs) > 2 else None
+    weight = constant(w)
+    ai = _need(b, node, a, 1, factor_ok=True)
+    if weight is None or weight.ndim != 2 or ai is None or node.attributes.get_int("transA", 0):
+        return b.touch_unknown(node, "Gemm with transA or a non-constant weight")
+    trans_b = node.attributes.get_int("transB", 0)
+    b.slice(ai, w, 1 if trans_b else 0, node, "consumer", ai.factor)
+    oi = b.new_space(node.outputs[0], 1)
+    b.slice(oi, w, 0 if trans_b else 1, node, "producer")
+    bias = constant(c)
+    n = weight.shape[0 if trans_b else 1]
+    if bias is not None and bias.ndim >= 1 and bias.shape[-1] == n and n > 1:
+        b.slice(oi, c, bias.ndim - 1, node, "producer")
+    elif c is not None and bias is None:
+        b.unsafe(oi.key, f"Gemm {node.name!r} has a non-constant C")
+
+
+def matmul(b: _Builder, node: ir.Node) -> None:
+    a, w = node.inputs
+    weight = constant(w)
+    rank_a = _rank(a)
+    if weight is None or weight.ndim != 2 or constant(a) is not None:
+        return b.touch_unknown(node, "MatMul of two activations (attention) or a non-2-D weight")
+    if rank_a is None or rank_a < 2:
+        return b.touch_unknown(node, "MatMul input of unknown rank")
+    ai = _need(b, node, a, rank_a - 1, factor_ok=True)
+    if ai is None:
+        return b.touch_unknown(node)
+    b.slice(ai, w, 0, node, "consumer", ai.factor)
+    oi = b.new_space(node.outputs[0], rank_a - 1)
+    b.slice(oi, w, 1, node, "producer")
+
+
+# --- pass-through ops -----------------------------------------------------------------------------
+def unary(b: _Builder, node: ir.Node) -> None:
+    extra = [v for v in node.inputs[1:] if v is not None]
+    if node.op_type != "CastLike" and any(constant(v) is None or constant(v).size > 1 for v in extra):
+        return b.touch_unknown(node, "per-channel or non-constant extra input")
+    b.same(node, node.inputs[0], node.outputs[0])
+    for v in node.outputs[1:]:
+        b.new_space(v, None, f"second output of {node.op_type} {node.name!r}")
+
+
+def batch_norm(b: _Builder, node: ir.Node) -> None:
+    xi = _need(b, node, node.inputs[0], 1)
+    if xi is None or node.attributes.get_int("training_mode", 0) or len(node.outputs) > 1 and any(
+            o.uses() for o in node.outputs[1:]):
+        return b.touch_unknown(node, "BatchNormalization in training mode")
+    b.same(node, node.inputs[0], node.outputs[0])
+    roles = ("bn_scale", "param", "param", "param")
+    for v, role in zip(node.inputs[1:5], roles):
+        b.slice(xi, v, 0, node, role)
+
+
+def instance_norm(b: _Builder, node: ir.Node) -> None:
+    xi = _need(b, node, node.inputs[0], 1)
+    if xi is None:
+        return b.touch_unknown(node)
+    b.same(node, node.inputs[0], node.outputs[0])
+    for v in node.inputs[1:3]:
+        b.slice(xi, v, 0, node, "param")
+
+
+def pool(b: _Builder, node: ir.Node) -> None:
+    if _need(b, node, node.inputs[0], 1) is None:
+        return b.touch_unknown(node)
+    b.same(node, node.inputs[0], node.outputs[0])
+    for v in node.outputs[1:]:
+        b.new_space(v, None, f"indices output of {node.name!r}")
+
+
+def broadcast(b: _Builder, node: ir.Node) -> None:
+    """Elementwise ops with broadcasting: activations with a full channel axis are joined,
+    constants along it sliced, size-1 operands left alone."""
+    out = node.outputs[0]
+    r_out = _rank(out) or max((_rank(v) or 0) for v in node.inputs if v is not None)
+    lead = None
+    for v in node.inputs:
+        info = b.get(v)
+        if info is not None and info.axis is not None and _rank(v) == r_out and constant(v) is None:
+            lead = (v, info)
+            break
+    if lead is None:
+        return b.touch_unknown(node, "elementwise op without a channel operand")
+    lv, li = lead
+    full = (_dims(lv) or [None] * r_out)[li.axis]
+    b.info[out.name] = _Info(li.key, li.axis, li.factor)
+    for v in node.inputs:
+        if v is None or v is lv:
+            continue
+        arr = constant(v)
+        if arr is not None:
+            aligned = li.axis - r_out + arr.ndim
+            if aligned < 0 or arr.shape[aligned] == 1:
+                continue
+            if full is not None and arr.shape[aligned] == full:
+                b.slice(li, v, aligned, node, "param", li.factor)
+            else:
+                b.unsafe(li.key, f"{node.op_type} {node.name!r}: constant {v.name!r} does not match the channels")
+            continue
+        info = b.get(v)
+        r = _rank(v)
+        if info is None or r is None:
+            b.unsafe(li.key, f"{node.op_type} {node.name!r}: operand {v.name!r} not understood")
+            continue
+        aligned = li.axis - r_out + r
+        d = _dims(v)
+        if aligned < 0 or (d[aligned] == 1 and full != 1):
+            continue  # broadcast along the channels: independent of them
+        if info.axis != aligned or info.factor != li.factor:
+            b.unsafe(li.key, f"{node.op_type} {node.name!r}: operands' channel axes disagree")
+            b.unsafe(info.key, f"{node.op_type} {node.name!r}: operands' channel axes disagree")
+        b.join(li.key, info.key)
+
+
+def resize(b: _Builder, node: ir.Node) -> None:
+    if _need(b, node, node.inputs[0], 1) is None:
+        return b.touch_unknown(node)
+    index = 1 if node.op_type == "Upsample" else 2
+    scales = constant(node.inputs[index]) if index < len(node.inputs) and node.inputs[index] is not None else None
+    sizes_given = len(node.inputs) > 3 and node.inputs[3] is not None and node.op_type == "Resize"
+    if scales is None or scales.size < 2 or not np.all(scales[:2] == 1) or sizes_given:
+        return b.touch_unknown(node, "Resize that is not a constant spatial scale")
+    b.same(node, node.inputs[0], node.outputs[0])
+
+
+def pad(b: _Builder, node: ir.Node) -> None:
+    info, r = b.get(node.inputs[0]), _rank(node.inputs[0])
+    pads = _ints(node, "pads", 1)
+    has_axes = len(node.inputs) > 3 and node.inputs[3] is not None
+    if info is None or info.axis is None or r is None or pads is None or has_axes or len(pads) != 2 * r:
+        return b.touch_unknown(node, "Pad with non-constant pads")
+    if pads[info.axis] or pads[info.axis + r]:
+        return b.touch_unknown(node, "Pad along the channel axis")
+    b.same(node, node.inputs[0], node.outputs[0])
+
+
+def slice_(b: _Builder, node: ir.Node) -> None:
+    info, d = b.get(node.inputs[0]), _dims(node.inputs[0])
+    starts, ends = _ints(node, "starts", 1), _ints(node, "ends", 2)
+    axes = _ints(node, "axes", 3)
+    steps = _ints(node, "steps", 4)
+    if info is None or info.axis is None or d is None or starts is None or ends is None:
+        return b.touch_unknown(node, "Slice with non-constant bounds")
+    axes = [a % len(d) for a in (axes if axes is not None else range(len(starts)))]
+    if info.axis in axes:
+        i = axes.index(info.axis)
+        whole = starts[i] == 0 and ends[i] >= (d[info.axis] or 0) > 0 and (steps is None or steps[i] == 1)
+        if not whole:
+            return b.touch_unknown(node, "Slice along the channel axis")
+    b.same(node, node.inputs[0], node.outputs[0])
+
+
+def reduce(b: _Builder, node: ir.Node) -> None:
+    info, r = b.get(node.inputs[0]), _rank(node.inputs[0])
+    axes = _ints(node, "axes", 1)
+    if info is None or info.axis is None or r is None or not axes:
+        return b.touch_unknown(node, "reduction over all axes or unknown axes")
+    axes = [a % r for a in axes]
+    if info.axis in axes:
+        return b.touch_unknown(node, "reduction over the channel axis")
+    keep = node.attributes.get_int("keepdims", 1)
+    b.same(node, node.inputs[0], node.outputs[0], info.axis if keep else info.axis - sum(a < info.axis for a in axes))
+
+
+def squeeze(b: _Builder, node: ir.Node) -> None:
+    info, d = b.get(node.inputs[0]), _dims(node.inputs[0])
+    axes = _ints(node, "axes", 1)
+    if info is None or info.axis is None or d is None:
+        return b.touch_unknown(node)
+    axes = [a % len(d) for a in axes] if axes is not None else [i for i, x in enumerate(d) if x == 1]
+    if info.axis in axes:
+        return b.touch_unknown(node, "Squeeze of the channel axis")
+    b.same(node, node.inputs[0], node.outputs[0], info.axis - sum(a < info.axis for a in axes))
+
+
+def unsqueeze(b: _Builder, node: ir.Node) -> None:
+    info, r_out = b.get(node.inputs[0]), _rank(node.outputs[0])
+    axes = _ints(node, "axes", 1)
+    if info is None or info.axis is None or r_out is None or axes is None:
+        return b.touch_unknown(node)
+    axis = info.axis
+    for a in sorted(x % r_out for x in axes):
+        if a <= axis:
+            axis += 1
+    b.same(node, node.inputs[0], node.outputs[0], axis)
+
+
+def transpose(b: _Builder, node: ir.Node) -> None:
+    info = b.get(node.inputs[0])
+    perm = node.attributes.get_ints("perm", None)
+    if info is None or info.axis is None or perm is None or info.factor != 1:
+        return b.touch_unknown(node, "Transpose without a known channel axis")
+    b.same(node, node.inputs[0], node.outputs[0], list(perm).index(info.axis))
+
+
+def softmax(b: _Builder, node: ir.Node) -> None:
+    info, r = b.get(node.inputs[0]), _rank(node.inputs[0])
+    default = -1 if b.model.opset >= 13 else 1
+    if info is None or info.axis is None or r is None:
+        return b.touch_unknown(node)
+    if node.attributes.get_int("axis", default) % r == info.axis:
+        return b.touch_unknown(node, "softmax over the channel axis")
+    b.same(node, node.inputs[0], node.outputs[0])
+
+
+def flatten(b: _Builder, node: ir.Node) -> None:
+    info, d = b.get(node.inputs[0]), _dims(node.inputs[0])
+    k = node.attributes.get_int("axis", 1)
+    if info is None or d is None or info.axis is None or k % len(d) != info.axis or None in d[k + 1:]:
+        return b.touch_unknown(node, "Flatten that does not start at the channel axis")
+    b.info[node.outputs[0].name] = _Info(info.key, 1, info.factor * int(np.prod(d[k + 1:], dtype=np.int64)))
+
+
+def reshape(b: _Builder, node: ir.Node) -> None:
+    """Only a flatten [N, C, ...] -> [N, C*rest] whose target is a constant, or a
+    Concat(batch, constant): the constant is rewritten after pruning."""
+    data, shape = node.inputs[0], node.inputs[1]
+    info, d = b.get(data), _dims(data)
+    target, index = constant(shape), 1
+    holder = shape
+    if target is None and shape.producer() is not None and shape.producer().op_type == "Concat":
+        parts = shape.producer().inputs
+        if len(parts) == 2 and constant(parts[1]) is not None and constant(parts[1]).size == 1:
+            holder, target, index = parts[1], constant(parts[1]), 0
+            first = _dims(parts[0])
+            if first != (1,):
+                target = None
+    ok = (info is not None and info.axis == 1 and d is not None and len(d) >= 2 and None not in d[1:]
+          and target is not None and _rank(node.outputs[0]) == 2 and len(holder.uses()) == 1)
+    if ok:
+        rest = int(np.prod(d[2:], dtype=np.int64))
+        flat = d[1] * rest
+        width = int(target.reshape(-1)[index])
+        ok = width in (flat, -1) and (index == 0 or int(target.reshape(-1)[0]) != -1 or width == flat)
+    if not ok:
+        return b.touch_unknown(node, "Reshape that is not a provable flatten")
+    b.info[node.outputs[0].name] = _Info(info.key, 1, info.factor * rest)
+    if width != -1:
+        b.fixups.append((_fix_reshape, [info.key], holder, index, info.factor * rest))
+
+
+def _fix_reshape(analysis, keep, roots, holder: ir.Value, index: int, per_channel: int) -> None:
+    array = constant(holder).copy()
+    flat = array.reshape(-1)
+    flat[index] = len(keep_index(analysis, roots[0], keep)) * per_channel
+    set_constant(holder, flat.reshape(array.shape))
+
+
+def concat(b: _Builder, node: ir.Node) -> None:
+    out, r = node.outputs[0], _rank(node.outputs[0])
+    infos = [b.get(v) for v in node.inputs]
+    lead = next((i for v, i in zip(node.inputs, infos) if i is not None and i.axis is not None and constant(v) is None), None)
+    if lead is None or r is None:
+        return b.touch_unknown(node, "Concat without channel operands")
+    axis = node.attributes.get_int("axis", 0) % r
+    if axis != lead.axis:
+        return broadcast(b, node)  # along another axis: every operand shares the channels
+    oi = b.new_space(out, axis)
+    keys = []
+    for v, i in zip(node.inputs, infos):
+        if i is None or constant(v) is not None or i.axis != axis or i.factor != 1:
+            b.unsafe(oi.key, f"Concat {node.name!r}: operand {v.name!r} is not a channel tensor")
+            if i is not None:
+                b.unsafe(i.key, f"Concat {node.name!r} mixes it with non-channel operands")
+            return
+        keys.append(i.key)
+    b.space(oi.key).definitions.append((keys, node.name))
+
+
+def split(b: _Builder, node: ir.Node) -> None:
+    x = node.inputs[0]
+    info, r = b.get(x), _rank(x)
+    if info is None or info.axis is None or r is None:
+        return b.touch_unknown(node)
+    axis = node.attributes.get_int("axis", 0) % r
+    if axis != info.axis:
+        for o in node.outputs:
+            b.same(node, x, o)
+        return
+    if info.factor != 1:
+        return b.touch_unknown(node, "Split of flattened channels")
+    keys = [b.new_space(o, axis).key for o in node.outputs]
+    b.space(info.key).definitions.append((keys, node.name))
+    b.fixups.append((_fix_split, keys, node))
+
+
+def _fix_split(analysis, keep, roots, node: ir.Node) -> None:
+    sizes = np.array([len(keep_index(analysis, k, keep)) for k in roots], dtype=np.int64)
+    if "split" in node.attributes:
+        node.attributes["split"] = ir.AttrInt64s("split", [int(s) for s in sizes])
+        return
+    node.attributes.pop("num_outputs", None)
+    if len(node.inputs) > 1 and node.inputs[1] is not None:
+        value = node.inputs[1]
+        if len(value.uses()) == 1:
+            set_constant(value, sizes)
+            return
+    new = ir.Value(name=f"{node.name}_pruned_split", const_value=ir.tensor(sizes))
+    new.shape = ir.Shape(sizes.shape)
+    new.type = ir.TensorType(ir.DataType.INT64)
+    node.graph.register_initializer(new)
+    if len(node.inputs) > 1:
+        node.replace_input_with(1, new)
+    else:
+        node.resize_inputs(2)
+        node.replace_input_with(1, new)
+
+
+def shape(b: _Builder, node: ir.Node) -> None:
+    info, r = b.get(node.inputs[0]), _rank(node.inputs[0])
+    start, end = node.attributes.get_int("start", 0), node.attributes.get_int("end", r or 0)
+    if info is not None and info.axis is not None and r is not None:
+        lo, hi = start % r if start < 0 else start, end % r if end < 0 else min(end, r)
+        if not lo <= info.axis < hi:
+            b.new_space(node.outputs[0], None, "shape tensor")
+            return
+    b.touch_unknown(node, "Shape of a channel tensor")
+
+
+def unknown(b: _Builder, node: ir.Node) -> None:
+    b.touch_unknown(node)
+
+
+RULES = {
+    "Conv": conv, "ConvTranspose": conv_transpose, "Gemm": gemm, "MatMul": matmul,
+    "BatchNormalization": batch_norm, "InstanceNormalization": instance_norm,
+    "Resize": resize, "Upsample": resize, "Pad": pad, "Slice": slice_,
+    "Squeeze": squeeze, "Unsqueeze": unsqueeze, "Transpose": transpose,
+    "Softmax": softmax, "LogSoftmax": softmax, "Flatten": flatten, "Reshape": reshape,
+    "Concat": concat, "Split": split, "Shape": shape, "PRelu": broadcast,
+    **{op: unary for op in UNARY}, **{op: broadcast for op in BINARY},
+    **{op: pool for op in POOLS}, **{op: reduce for op in REDUCE},
+}

@@ -1,0 +1,238 @@
+"""prune.structured: remove whole channels (filters), physically shrinking the graph.
+
+1. Constants are folded and shapes inferred, so the channel analysis sees static weights.
+2. `channels.analyze` couples channels that must be removed together into groups; groups
+   it cannot prove safe are left whole and listed (warning and `stats["unsafe"]`).
+3. Groups touching an `exclude`d layer (node name, op type or torch module path) are left
+   whole; with `layers`, only groups whose producers match are pruned.
+4. Each group's channels are scored (`criterion`, see `_importance`); the number kept per
+   group comes from `mode`:
+   - uniform: `ratio` of every group's channels removed;
+   - global: `ratio` of all channels removed, lowest normalised scores first, with at
+     least `min_keep` of each group kept;
+   - macs: like global, with the threshold binary-searched until the estimated MACs are
+     down by `target_macs`;
+   - latency: `slimgraph.passes.prune.latency.choose_keep(model, analysis, scores, config)`.
+   Counts are rounded to a multiple of `multiple` (never below it, never above the group),
+   and at least `min_channels`; the highest-scoring channels are kept.
+5. `channels.apply` slices every tensor of each group and re-checks the model.
+
+Not exact: removing channels changes outputs.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import logging
+
+import numpy as np
+import pydantic
+
+from slimgraph.errors import PassError
+from slimgraph.ir.model import Model
+from slimgraph.passes.base import Pass, PassConfig, PassResult, choice, int_range, register_pass
+from slimgraph.passes.prune import _importance
+from slimgraph.passes.prune.channels import ChannelAnalysis, Group, analyze, estimate_macs
+
+logger = logging.getLogger("slimgraph.passes.prune")
+
+WEIGHT_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
+#: unsafe groups named in the warning before "and N more"
+SHOWN = 5
+
+
+def _fraction(default: float, high: float = 0.9):
+    """A fraction in [0, 1); searched in [0, high]."""
+    return pydantic.Field(default=default, ge=0.0, lt=1.0,
+                          json_schema_extra={"domain": {"float": [0.0, high], "log": False}})
+
+
+@register_pass
+class PruneStructured(Pass):
+    """Remove whole channels (filters) that the channel analysis proves safe to cut."""
+
+    name = "prune.structured"
+    exact = False
+    before = ("quantize*",)
+
+    class Config(PassConfig):
+        ratio: float = _fraction(0.5)
+        criterion: str = choice("l1", "l2", "bn_scale", "apoz", "mean_activation", "random", default="l1")
+        mode: str = choice("uniform", "global", "macs", "latency", default="uniform")
+        min_keep: float = pydantic.Field(default=0.1, ge=0.0, le=1.0,
+                                         json_schema_extra={"domain": {"float": [0.0, 0.5], "log": False}})
+        target_macs: float = _fraction(0.5)
+        multiple: int = int_range(1, 64, default=8)
+        min_channels: int = int_range(1, 1 << 16, default=1)
+        samples: int = int_range(1, 4096, default=64)
+        exclude: tuple[str, ...] = ()
+        layers: tuple[str, ...] | None = None
+
+    def run(self, model: Model, ctx) -> PassResult:
+        cfg = self.config
+        if cfg.criterion in _importance.ACTIVATION_CRITERIA and not ctx.data:
+            raise PassError(self.name, f"criterion {cfg.criterion!r} needs sample data (--data D.npz); "
+                                       "use l1, l2 or bn_scale without data")
+        folded = _prepare(model)
+        analysis = analyze(model)
+        unsafe = analysis.unsafe_reasons()
+        if unsafe:
+            more = f" and {len(unsafe) - SHOWN} more" if len(unsafe) > SHOWN else ""
+            logger.warning("prune.structured leaves %d channel group(s) whole: %s%s",
+                           len(unsafe), "; ".join(unsafe[:SHOWN]), more)
+        if not analysis.safe_groups():
+            raise PassError(self.name, "no channel group can be proved safe: " + "; ".join(unsafe[:8]))
+        groups = self._selected(model, analysis)
+        before = _measure(model)
+        weights_before = _layer_channels(model)
+        macs = dict(model.analysis("macs"))
+        scores = _importance.scores(model, analysis, groups, cfg.criterion, data=ctx.data,
+                                    samples=cfg.samples, rng=ctx.rng())
+        counts = self._counts(model, analysis, groups, scores, macs)
+        keep = {g.id: np.sort(np.argsort(-scores[g.id], kind="stable")[:counts[g.id]])
+                for g in groups if counts[g.id] < g.size}
+        if keep:
+            try:
+                analysis.apply(model, keep)
+            except Exception as e:  # the checker or shape inference refused the result
+                raise PassError(self.name, f"pruning produced an invalid model: {e}") from e
+            model.bump()
+        after = _measure(model)
+        stats = {
+            "groups": len(analysis.groups), "groups_safe": len(analysis.safe_groups()),
+            "groups_pruned": len(keep), "groups_unsafe": len(unsafe),
+            "channels_before": sum(g.size for g in groups),
+            "channels_after": sum(len(keep.get(g.id, range(g.size))) for g in groups),
+            "macs_before": before["macs"], "macs_after": after["macs"],
+            "params_before": before["params"], "params_after": after["params"],
+            "unsafe": unsafe[:20],
+            "table": _table(weights_before, _layer_channels(model), macs, dict(model.analysis("macs"))),
+        }
+        return PassResult(model, modified=bool(keep) or folded, stats=stats)
+
+    # -- which groups -------------------------------------------------------------------------
+    def _selected(self, model: Model, analysis: ChannelAnalysis) -> list[Group]:
+        cfg = self.config
+        nodes = {n.name: n for n in model.graph}
+
+        def matches(name: str, patterns) -> bool:
+            n = nodes.get(name)
+            keys = [name] + ([n.op_type, Model.provenance(n) or ""] if n is not None else [])
+            return any(fnmatch.fnmatchcase(k, p) for k in keys for p in patterns)
+
+        if cfg.layers is not None:
+            for p in cfg.layers:
+                if not any(matches(name, [p]) for name in nodes):
+                    raise PassError(self.name, f"layers pattern {p!r} matches no node (by name, op type "
+                                               "or torch module path); `slimgraph inspect` lists them")
+        out = []
+        for g in analysis.safe_groups():
+            touched = {s.node for s, _ in g.slices}
+            if cfg.exclude and any(matches(t, cfg.exclude) for t in touched):
+                continue
+            if cfg.layers is not None and not any(matches(p, cfg.layers) for p in g.producers):
+                continue
+            if g.size > 1:
+                out.append(g)
+        return out
+
+    # -- how many channels ----------------------------------------------------------------------
+    def _round(self, kept: float, size: int) -> int:
+        m = self.config.multiple
+        k = max(int(round(kept)), 1)
+        if m > 1:
+            k = max(m, int(round(k / m)) * m)
+        k = max(k, self.config.min_channels)
+        return int(min(k, size))
+
+    def _counts(self, model, analysis, groups, scores, macs) -> dict[int, int]:
+        cfg = self.config
+        if cfg.mode == "uniform":
+            return {g.id: self._round(g.size * (1 - cfg.ratio), g.size) for g in groups}
+        if cfg.mode == "latency":
+            try:
+                from slimgraph.passes.prune import latency
+            except ImportError:
+                raise PassError(self.name, "mode 'latency' needs slimgraph.passes.prune.latency, which is "
+                                           "not installed in this build; use mode 'macs' or 'global'") from None
+            chosen = latency.choose_keep(model, analysis, {g.id: scores[g.id] for g in groups}, cfg)
+            return {g.id: int(min(max(1, chosen.get(g.id, g.size)), g.size)) for g in groups}
+        normed = {g.id: scores[g.id] / max(float(np.max(scores[g.id])), 1e-12) for g in groups}
+
+        def at(threshold: float) -> dict[int, int]:
+            out = {}
+            for g in groups:
+                above = int(np.sum(normed[g.id] >= threshold))
+                out[g.id] = self._round(max(above, cfg.min_keep * g.size), g.size)
+            return out
+
+        if cfg.mode == "global":
+            everything = np.sort(np.concatenate([normed[g.id] for g in groups]))
+            threshold = everything[min(int(len(everything) * cfg.ratio), len(everything) - 1)]
+            return at(float(threshold))
+        # macs: the lowest threshold whose estimate meets the target
+        total = float(sum(macs.values())) or 1.0
+        goal = total * (1 - cfg.target_macs)
+        lo, hi = 0.0, 1.0 + 1e-9
+        for _ in range(40):
+            mid = (lo + hi) / 2
+            if estimate_macs(analysis, macs, at(mid)) <= goal:
+                hi = mid
+            else:
+                lo = mid
+        best = at(hi)
+        if estimate_macs(analysis, macs, best) > goal:
+            logger.warning("prune.structured: target_macs %.2f is out of reach of the safe groups "
+                           "(min_keep %.2f); pruned as far as they allow", cfg.target_macs, cfg.min_keep)
+        return best
+
+
+def _prepare(model: Model) -> bool:
+    """Fold constants (exporters compute some biases and shapes at run time) and infer
+    shapes. Returns whether the graph changed."""
+    from slimgraph.passes.cleanup.fold_constants import FoldConstants
+    from slimgraph.passes.cleanup.infer_shapes import InferShapes
+
+    folded = FoldConstants()(model).modified
+    InferShapes()(model)
+    return folded
+
+
+def _measure(model: Model) -> dict[str, int]:
+    return {"macs": int(sum(model.analysis("macs").values())), "params": model.analysis("params")["params"]}
+
+
+def _layer_channels(model: Model) -> dict[str, tuple[str, int, int]]:
+    """{layer: (op, input channels, output channels)} from the weight shapes."""
+    from slimgraph.passes.prune.channels import _constant
+
+    out = {}
+    for n in model.graph:
+        if n.op_type not in WEIGHT_OPS or n.domain:
+            continue
+        w = _constant(n.inputs[1])
+        if w is None or w.ndim < 2:
+            continue
+        group = n.attributes.get_int("group", 1)
+        if n.op_type == "Conv":
+            cin, cout = w.shape[1] * group, w.shape[0]
+        elif n.op_type == "ConvTranspose":
+            cin, cout = w.shape[0], w.shape[1] * group
+        elif n.op_type == "Gemm":
+            t = n.attributes.get_int("transB", 0)
+            cin, cout = w.shape[t], w.shape[1 - t]
+        else:
+            cin, cout = w.shape[-2], w.shape[-1]
+        out[n.name] = (n.op_type, int(cin), int(cout))
+    return out
+
+
+def _table(before, after, macs_before, macs_after) -> list[dict[str, str]]:
+    rows = []
+    for name, (op, cin, cout) in before.items():
+        _, cin2, cout2 = after.get(name, (op, cin, cout))
+        rows.append({
+            "layer": name, "op": op, "in ch": f"{cin} -> {cin2}", "out ch": f"{cout} -> {cout2}",
+            "MACs": f"{macs_before.get(name, 0)} -> {macs_after.get(name, 0)}",
+        })
+    return rows
