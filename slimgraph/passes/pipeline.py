@@ -213,10 +213,17 @@ def _resolve(name: str, config: dict, where: str, seen: tuple[str, ...]) -> list
 
 # --- order constraints ----------------------------------------------------------------------
 def order_violations(passes: Sequence[Pass]) -> list[str]:
-    """Every pair of passes that breaks a declared `after`/`before` constraint."""
+    """Every pair of passes that breaks a declared `after`/`before` constraint.
+
+    A pass that also ran before `early` does not count when it runs again after it: recipes
+    repeat cleanup and fusion (`cluster.kmeans` after `fuse`, then the `int8` recipe's own
+    `fuse`), and a second BatchNorm folding finds nothing left to fold."""
     problems = []
     for i, early in enumerate(passes):
+        ran_before = {p.name for p in passes[:i]}
         for late in passes[i + 1:]:
+            if late.name in ran_before:
+                continue
             if any(fnmatch.fnmatchcase(late.name, pat) for pat in early.after):
                 problems.append(f"{early.name!r} must run after {late.name!r}")
             if any(fnmatch.fnmatchcase(early.name, pat) for pat in late.before):

@@ -85,3 +85,13 @@ def test_order_constraints_are_reported_and_form_a_dag():
     import networkx as nx
 
     assert nx.is_directed_acyclic_graph(g)
+
+
+def test_a_pass_repeated_after_a_constrained_one_is_not_a_violation():
+    from slimgraph.passes import get_pass
+    from slimgraph.passes.pipeline import order_violations
+    import slimgraph.passes.cluster  # noqa: F401  (registration)
+
+    fold, kmeans = get_pass("fold_batchnorm")(), get_pass("cluster.kmeans")()
+    assert order_violations([kmeans, fold]) == ["'cluster.kmeans' must run after 'fold_batchnorm'"]
+    assert order_violations([fold, kmeans, fold]) == []  # the int8 recipe's own fuse, again

@@ -11,6 +11,7 @@ from slimgraph.passes.cleanup import (  # noqa: F401  (registration side effect)
     infer_shapes,
     lift_constants,
     simplify,
+    strip_metadata,
     topo_sort,
     upgrade_opset,
 )

@@ -101,3 +101,18 @@ def distinct_per_row(rows: np.ndarray) -> np.ndarray:
         return np.zeros(len(rows), dtype=np.int64)
     s = np.sort(rows, axis=1)
     return 1 + (np.diff(s, axis=1) != 0).sum(axis=1)
+
+
+#: metadata key on every node of a decode subgraph written by a `pack.*` pass; its value is
+#: "<kind>:<name of the tensor it rebuilds>"
+PACK_KEY = "slimgraph.pack"
+
+
+def packed_shapes(model: Model) -> set[tuple[int, ...]]:
+    """Shapes of the tensors that `pack.*` decode subgraphs rebuild (their final outputs)."""
+    shapes = set()
+    for node in model.graph:
+        mark = node.metadata_props.get(PACK_KEY)
+        if mark and node.outputs[0].name == mark.split(":", 1)[1] and node.outputs[0].shape is not None:
+            shapes.add(tuple(node.outputs[0].shape))
+    return shapes

@@ -25,7 +25,7 @@ from slimgraph.ir.model import Model
 from slimgraph.passes import contracts
 from slimgraph.passes.base import Pass, PassConfig, PassContext, PassResult, choice, int_range, register_pass
 from slimgraph.passes.cluster import _kmeans1d
-from slimgraph.passes.cluster._select import Target, distinct_per_row, select, set_weight
+from slimgraph.passes.cluster._select import Target, distinct_per_row, packed_shapes, select, set_weight
 
 CONTRACT = "clusters"
 
@@ -130,6 +130,8 @@ def _clusters_hold(model: Model, record: dict) -> str | None:
                 return None
             fewest = worst if fewest is None else min(fewest, worst)
     if fewest is None:
+        if shape in packed_shapes(model):
+            return None  # stored packed: the pack passes are exact and run after every other pass
         return f"no weight of shape {list(shape)} is left (was {record['id']!r})"
     return f"weight {record['id']!r} ({list(shape)}) now takes {fewest} values per channel, more than k={k}"
 
