@@ -5,6 +5,7 @@
     slimgraph passes [--json]
     slimgraph run MODEL -p PIPELINE -o OUT [--data D.npz] [--verify] [--report R.md]
     slimgraph quantize MODEL --data calib.npz -o OUT [--format qoperator|qdq] [--report R.md] [--verify]
+    slimgraph prune MODEL --ratio 0.5 -o OUT [--mode uniform|global|macs|latency] [--unstructured | --n-m 2:4]
     slimgraph bench MODEL [MODEL ...] [--threads N] [--runs N] [--json]
     slimgraph compare A B [--data D.npz]
 
@@ -241,6 +242,118 @@ def cmd_quantize(args) -> int:
     return cmd_run(args)
 
 
+def cmd_prune(args) -> int:
+    """Build a pruning pipeline from the options and run it like `run` (see its help)."""
+    from slimgraph.ir import load
+
+    pipeline = _prune_pipeline(args)
+    src = Path(args.model)
+    if not src.is_file():
+        raise DataError(f"{src}: no such model file")
+    if args.exclude:
+        _check_patterns(load(src), args.exclude)
+    args.pipeline = pipeline
+    args.shape, args.tolerance, args.dump_dir, args.verbose = None, 1e-5, None, False
+    return _run_and_show_layers(args)
+
+
+def _prune_pipeline(args) -> str:
+    """The pipeline string for `slimgraph prune`'s options; DataError for bad values."""
+    if not 0.0 <= args.ratio < 1.0:
+        raise DataError(f"--ratio must be in [0, 1) (the fraction removed), got {args.ratio}")
+    if args.target_macs is not None and not 0.0 <= args.target_macs < 1.0:
+        raise DataError(f"--target-macs must be in [0, 1) (the fraction of MACs removed), got {args.target_macs}")
+    if args.multiple < 1:
+        raise DataError(f"--multiple must be at least 1, got {args.multiple}")
+    exclude = f"exclude={json.dumps(list(args.exclude))}" if args.exclude else ""
+    if args.unstructured:
+        return _join("cleanup", _call("prune.magnitude", f"sparsity={args.ratio}", exclude), "pack.sparse")
+    if args.n_m:
+        n, m = _parse_n_m(args.n_m)
+        return _join("cleanup", _call("prune.n_m", f"n={n}", f"m={m}", exclude))
+    options = [f"ratio={args.ratio}", f"criterion={args.criterion}", f"mode={args.mode}",
+               f"multiple={args.multiple}", exclude]
+    if args.target_macs is not None:
+        options.append(f"target_macs={args.target_macs}")
+    return _join("cleanup", "fuse", _call("prune.structured", *options), "cleanup")
+
+
+def _call(name: str, *options: str) -> str:
+    options = tuple(o for o in options if o)
+    return f"{name}({', '.join(options)})" if options else name
+
+
+def _join(*items: str) -> str:
+    return ",".join(items)
+
+
+def _parse_n_m(text: str) -> tuple[int, int]:
+    n, sep, m = text.partition(":")
+    if not sep or not n.strip().isdigit() or not m.strip().isdigit():
+        raise DataError(f"--n-m must be N:M with integers, e.g. 2:4; got {text!r}")
+    n_, m_ = int(n), int(m)
+    if not 0 < n_ < m_:
+        raise DataError(f"--n-m {text}: N must be at least 1 and below M (N of every M weights are kept)")
+    return n_, m_
+
+
+def _check_patterns(model, patterns) -> None:
+    """Each --exclude pattern must match a node by name, op type or torch module path."""
+    import fnmatch
+
+    from slimgraph.ir.model import Model
+
+    keys = set()
+    for node in model.graph:
+        keys.update(k for k in (node.name, node.op_type, Model.provenance(node)) if k)
+        keys.update(v.name for v in node.outputs if v is not None)
+    for p in patterns:
+        if not any(fnmatch.fnmatchcase(k, p) for k in keys):
+            raise DataError(f"--exclude {p!r} matches no node (by name, output, op type or torch module "
+                            "path); `slimgraph inspect --json` lists the op types, the report the layers")
+
+
+def _run_and_show_layers(args) -> int:
+    """`cmd_run`'s steps (load, PassManager, save, report), then the per-layer tables the
+    passes return in stats["table"] (channels and MACs before/after)."""
+    from slimgraph.ir import load, save
+    from slimgraph.passes.base import PassContext
+    from slimgraph.passes.manager import TABLE, PassManager
+
+    src, dst = Path(args.model), Path(args.output)
+    if dst.exists() and dst.resolve() == src.resolve():
+        raise DataError(f"{dst}: the output would overwrite the input model; choose another -o path")
+    manager = PassManager(args.pipeline, verify=args.verify, tolerance=args.tolerance, progress=not args.quiet)
+    model = load(src)
+    data = labels = None
+    if args.data:
+        data, labels = _inputs(model, args)
+    result = manager.run(model, PassContext(data=data, labels=labels, seed=args.seed, progress=not args.quiet))
+    save(result.model, dst)
+    if args.report:
+        _write_atomic(Path(args.report), result.report.to_markdown())
+    if args.quiet:
+        return 0
+    out.print(result.report.to_rich(changed_only=True))
+    for row in result.report.rows:
+        layers = row.stats.get(TABLE) if row.stats else None
+        if not layers:
+            continue
+        t = Table(title=f"{row.name}: per layer")
+        for c in layers[0]:
+            t.add_column(c, justify="left" if c in ("layer", "op") else "right")
+        for r in layers:
+            t.add_row(*(str(r.get(c, "")) for c in layers[0]))
+        out.print(t)
+        stats = row.stats
+        if "macs_before" in stats and stats["macs_before"]:
+            out.print(f"MACs {_human(stats['macs_before'])} -> {_human(stats['macs_after'])} "
+                      f"({stats['macs_after'] / stats['macs_before']:.1%}); params {_human(stats['params_before'])} "
+                      f"-> {_human(stats['params_after'])} ({stats['params_after'] / max(stats['params_before'], 1):.1%})")
+    out.print(f"wrote {dst} ({dst.stat().st_size:,} bytes)")
+    return 0
+
+
 def cmd_bench(args) -> int:
     from slimgraph.backends import ort
     from slimgraph.ir import load
@@ -375,6 +488,59 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("-q", "--quiet", action="store_true", help="no progress bar or table")
     sp.add_argument("-v", "--verbose", action="store_true", help="list passes that changed nothing too")
     sp.set_defaults(fn=cmd_quantize)
+
+    sp = sub.add_parser(
+        "prune", help="prune channels (default), weights (--unstructured) or N:M (--n-m); shortcut for run",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Prune MODEL and write OUT. By default structured: whole channels are removed "
+        "(cleanup, fuse, prune.structured, cleanup), so the model really shrinks and runs faster; the "
+        "channel analysis cuts residuals, Concat/Split and depthwise convolutions consistently and "
+        "leaves groups it cannot prove safe whole (listed). Prints channels and MACs per layer, "
+        "before and after.",
+        epilog="examples:\n"
+        "  slimgraph prune model.onnx --ratio 0.5 -o model.pruned.onnx\n"
+        "  slimgraph prune model.onnx --ratio 0.3 --mode latency -o fast.onnx      # by measured latency\n"
+        "  slimgraph prune model.onnx --mode macs --target-macs 0.5 -o half.onnx    # half the MACs\n"
+        "  slimgraph prune model.onnx --criterion apoz --data calib.npz -o out.onnx\n"
+        "  slimgraph prune model.onnx --ratio 0.5 --exclude '/head/*' --exclude Gemm -o out.onnx\n"
+        "  slimgraph prune model.onnx --unstructured --ratio 0.8 -o sparse.onnx     # 80% zeros, packed\n"
+        "  slimgraph prune model.onnx --n-m 2:4 -o model.24.onnx\n")
+    sp.add_argument("model")
+    sp.add_argument("-o", "--output", required=True, help="where to write the pruned model (never the input)")
+    sp.add_argument("--ratio", type=float, default=0.5,
+                    help="fraction removed, in [0, 1): of each group's channels (structured), or of the "
+                    "weights (--unstructured); e.g. --ratio 0.3 (default 0.5)")
+    kind = sp.add_mutually_exclusive_group()
+    kind.add_argument("--unstructured", action="store_true",
+                      help="zero the smallest weights (sparsity = --ratio) and store them packed "
+                      "(prune.magnitude + pack.sparse): a smaller file, same runtime graph")
+    kind.add_argument("--n-m", metavar="N:M", help="semi-structured N:M masks (N of every M weights "
+                      "kept) for sparse tensor cores, e.g. --n-m 2:4")
+    sp.add_argument("--criterion", choices=["l1", "l2", "bn_scale", "apoz", "mean_activation", "random"],
+                    default="l1", help="channel importance: weight norm (l1, l2), BatchNorm scale, or from "
+                    "activations on --data (apoz, mean_activation); e.g. --criterion l2 (default l1)")
+    sp.add_argument("--mode", choices=["uniform", "global", "macs", "latency"], default="uniform",
+                    help="how many channels per layer: uniform (--ratio of each group), global (lowest "
+                    "scores model-wide), macs (until --target-macs of the MACs are gone), latency "
+                    "(by measured ORT latency of each layer's shape, cached per CPU); e.g. --mode latency")
+    sp.add_argument("--target-macs", type=float, metavar="F",
+                    help="with --mode macs/latency: fraction of MACs (latency: of predicted time) to "
+                    "remove, in [0, 1); e.g. --target-macs 0.5")
+    sp.add_argument("--multiple", type=int, default=8,
+                    help="round kept channel counts to a multiple of this (ORT runs them faster); "
+                    "e.g. --multiple 16 (default 8; 1 = no rounding)")
+    sp.add_argument("--exclude", action="append", default=[], metavar="PAT",
+                    help="leave layers matching this fnmatch pattern alone (node name, op type or torch "
+                    "module path); repeatable, e.g. --exclude '/classifier/*' --exclude Gemm")
+    sp.add_argument("--data", metavar="D.npz", help="sample inputs (keys = model input names, arrays "
+                    "[N, ...]); needed by --criterion apoz/mean_activation and used by --verify")
+    sp.add_argument("--report", metavar="R.md", help="write the per-pass report, with the per-layer "
+                    "table, as markdown; e.g. --report prune.md")
+    sp.add_argument("--verify", action="store_true",
+                    help="check the model's structure after every pass and measure how far outputs moved")
+    sp.add_argument("--seed", type=int, default=0)
+    sp.add_argument("-q", "--quiet", action="store_true", help="no progress bar or tables")
+    sp.set_defaults(fn=cmd_prune)
 
     sp = sub.add_parser("bench", help="ORT latency of one or more models (interleaved, median)")
     sp.add_argument("models", nargs="+")

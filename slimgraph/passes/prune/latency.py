@@ -1,0 +1,441 @@
+"""Latency-aware channel counts for `prune.structured` (`mode: latency`).
+
+Fewer MACs is not always lower latency: ORT's CPU kernels run some channel counts much
+better than others, and a channel of a 112x112 layer costs more time than one of a 7x7
+layer with the same MACs. So the counts are chosen by measured time:
+
+1. `LatencyTable`: the ORT CPU latency of one layer alone (a one-node Conv / ConvTranspose
+   / Gemm / MatMul model built with `onnx.helper`, batch 1, `threads` threads, spinning off,
+   median of `runs` runs after warm-up), keyed by the layer's shape signature
+   (`LayerShape.key`: op, input shape, weight shape, group, strides, pads, dilations).
+   Entries are measured on first use only and cached in
+   `<cache root>/latency/<cpu model>-<ort version>-<threads>t.json` (atomic writes,
+   merged with what other processes wrote meanwhile).
+2. `choose_keep`: the model's predicted latency is the sum over its weight layers of their
+   table latency at the kept input/output channel counts (other ops are not modelled).
+   Starting from every group whole, a greedy repeatedly takes one `multiple`-step off the
+   group with the most predicted time saved per unit of importance lost (scores normalised
+   to a mean of 1 per group; the lowest-scoring channels go first), never below the
+   group's floor (`min_keep`, `min_channels`, one `multiple`), until the prediction is at
+   most `1 - target` of the dense one. The target: `config.target_latency` when the config
+   has it; else `target_macs` when set explicitly; else the MAC cut that uniform pruning at
+   `ratio` would give (so `ratio=0.3, mode=latency` aims at the same speed-up as the MACs
+   a uniform 30% cut removes).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import re
+import tempfile
+import time
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from slimgraph.ir.model import Model
+from slimgraph.passes.prune.channels import ChannelAnalysis, _constant, estimate_macs, space_size
+
+logger = logging.getLogger("slimgraph.passes.prune")
+
+TABLE_VERSION = 1
+WEIGHT_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
+#: attributes that change a layer's kernel, hence part of its signature
+SHAPE_ATTRS = {
+    "Conv": ("group", "strides", "pads", "dilations", "kernel_shape", "auto_pad"),
+    "ConvTranspose": ("group", "strides", "pads", "dilations", "kernel_shape", "output_padding", "auto_pad"),
+    "Gemm": ("transA", "transB"),
+    "MatMul": (),
+}
+
+
+# --- layer signatures ------------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class LayerShape:
+    """What one weight layer's latency depends on (batch 1)."""
+
+    op: str
+    x: tuple[int, ...]
+    w: tuple[int, ...]
+    attrs: tuple[tuple[str, Any], ...] = ()
+    bias: bool = False
+
+    def key(self) -> str:
+        def dims(d: tuple[int, ...]) -> str:
+            return "x".join(map(str, d))
+
+        attrs = ",".join(f"{k}={'/'.join(map(str, v)) if isinstance(v, tuple) else v}" for k, v in self.attrs)
+        return f"{self.op}|x={dims(self.x)}|w={dims(self.w)}|{attrs}|bias={int(self.bias)}"
+
+    def resized(self, cin: int, cout: int) -> LayerShape:
+        """The same layer with `cin` input and `cout` output channels (depthwise layers keep
+        `group == cin == cout`; a Flatten -> Gemm's in-features scale with `cin`)."""
+        attrs = dict(self.attrs)
+        x, w = list(self.x), list(self.w)
+        if self.op == "Conv":
+            group = attrs.get("group", 1)
+            depthwise = group > 1 and group == x[1] and w[1] == 1
+            x[1] = cin
+            if depthwise:
+                attrs["group"], w[0] = cin, cin * (w[0] // group)
+            else:
+                w[0], w[1] = cout, cin // group
+        elif self.op == "ConvTranspose":
+            group = attrs.get("group", 1)
+            x[1], w[0], w[1] = cin, cin, cout // group
+        elif self.op == "Gemm":
+            x[0 if attrs.get("transA", 0) else 1] = cin
+            if attrs.get("transB", 0):
+                w[0], w[1] = cout, cin
+            else:
+                w[0], w[1] = cin, cout
+        else:  # MatMul
+            x[-1], w[0], w[1] = cin, cin, cout
+        return dataclasses.replace(self, x=tuple(x), w=tuple(w), attrs=tuple(sorted(attrs.items())))
+
+    def channels(self) -> tuple[int, int]:
+        """(input channels, output channels) of this signature."""
+        attrs = dict(self.attrs)
+        if self.op == "Conv":
+            return self.x[1], self.w[0]
+        if self.op == "ConvTranspose":
+            return self.x[1], self.w[1] * attrs.get("group", 1)
+        if self.op == "Gemm":
+            return self.x[1 if not attrs.get("transA", 0) else 0], self.w[0 if attrs.get("transB", 0) else 1]
+        return self.x[-1], self.w[1]
+
+    def proto(self):
+        """A one-node ONNX model of this layer, random weights."""
+        import onnx
+        from onnx import TensorProto, helper, numpy_helper
+
+        rng = np.random.default_rng(0)
+        inits = [numpy_helper.from_array(rng.standard_normal(self.w).astype(np.float32), "W")]
+        inputs = ["X", "W"]
+        if self.bias:
+            cout = self.channels()[1]
+            inits.append(numpy_helper.from_array(rng.standard_normal(cout).astype(np.float32), "B"))
+            inputs.append("B")
+        attrs = {k: list(v) if isinstance(v, tuple) else v for k, v in self.attrs}
+        node = helper.make_node(self.op, inputs, ["Y"], **attrs)
+        graph = helper.make_graph(
+            [node], "layer", [helper.make_tensor_value_info("X", TensorProto.FLOAT, list(self.x))],
+            [helper.make_tensor_value_info("Y", TensorProto.FLOAT, None)], inits)
+        return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+
+    def feed(self) -> dict[str, np.ndarray]:
+        return {"X": np.random.default_rng(1).standard_normal(self.x).astype(np.float32)}
+
+
+def layer_shape(node) -> LayerShape | None:
+    """The signature of a weight node at batch 1, or None when its shapes are unknown or
+    its weight is not a constant."""
+    if node.op_type not in WEIGHT_OPS or node.domain:
+        return None
+    w = _constant(node.inputs[1]) if len(node.inputs) > 1 else None
+    x = node.inputs[0]
+    if w is None or x is None or x.shape is None:
+        return None
+    dims = [d if isinstance(d, int) else None for d in x.shape]
+    batch_first = node.op_type in ("Conv", "ConvTranspose") or len(dims) >= 3 or (
+        node.op_type == "Gemm" and not node.attributes.get_int("transA", 0))
+    if dims and batch_first:
+        dims[0] = 1  # latency at batch 1
+    if node.op_type == "MatMul":
+        if w.ndim != 2 or any(d is None for d in dims[:-1]) or len(dims) < 2:
+            return None
+        dims = [int(np.prod(dims[:-1])), dims[-1]]
+    if any(d is None for d in dims):
+        return None
+    attrs = {}
+    for name in SHAPE_ATTRS[node.op_type]:
+        attr = node.attributes.get(name)
+        if attr is not None:
+            v = attr.value
+            attrs[name] = tuple(int(i) for i in v) if isinstance(v, (list, tuple)) else v
+    bias = len(node.inputs) > 2 and node.inputs[2] is not None and node.op_type != "MatMul"
+    if node.op_type == "Gemm" and bias:
+        c = _constant(node.inputs[2])
+        bias = c is not None and c.ndim == 1  # a broadcast [N] bias; others are left out
+    return LayerShape(node.op_type, tuple(int(d) for d in dims), tuple(int(d) for d in w.shape),
+                      tuple(sorted(attrs.items())), bool(bias))
+
+
+# --- the table -----------------------------------------------------------------------------------
+def _slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9]+", "-", text).strip("-")[:80] or "cpu"
+
+
+def default_path(threads: int = 2, cache_dir: str | os.PathLike | None = None) -> Path:
+    """`<cache root>/latency/<cpu model>-<ort version>-<threads>t.json`."""
+    import platform
+
+    import onnxruntime
+
+    from slimgraph.backends.runtime_check import cpu_info
+    from slimgraph.zoo import cache_root
+
+    cpu = cpu_info().model or platform.machine()
+    return cache_root(cache_dir) / "latency" / f"{_slug(cpu)}-{onnxruntime.__version__}-{threads}t.json"
+
+
+class LatencyTable:
+    """Measured ORT CPU latency (ms) of single layers, cached on disk.
+
+    `latency(shape)` measures a signature on first use; `save()` writes new entries
+    (merged with the file's current content). Use as a context manager to save on exit."""
+
+    def __init__(self, path: str | os.PathLike | None = None, *, threads: int = 2, runs: int = 20,
+                 warmup: int = 3, progress: bool = True):
+        self.path = Path(path) if path is not None else default_path(threads)
+        self.threads, self.runs, self.warmup = threads, runs, warmup
+        self.entries: dict[str, float] = self._read()
+        self.measured = 0
+        self._progress = progress
+        self._bar = None
+
+    def _read(self) -> dict[str, float]:
+        try:
+            data = json.loads(self.path.read_text())
+        except FileNotFoundError:
+            return {}
+        except (OSError, ValueError) as e:
+            logger.warning("latency table %s is unreadable (%s); measuring again", self.path, e)
+            return {}
+        if data.get("version") != TABLE_VERSION or data.get("threads") != self.threads:
+            return {}
+        return {k: float(v) for k, v in data.get("entries", {}).items()}
+
+    def save(self) -> None:
+        if not self.measured:
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        merged = {**self._read(), **self.entries}
+        payload = {"version": TABLE_VERSION, "threads": self.threads, "runs": self.runs, "entries": merged}
+        fd, tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", dir=self.path.parent)
+        try:
+            with os.fdopen(fd, "w") as f:
+                json.dump(payload, f, indent=0, sort_keys=True)
+            os.replace(tmp, self.path)
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+
+    def __enter__(self) -> LatencyTable:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Stop the progress display and save new entries."""
+        if self._bar is not None:
+            self._bar[0].stop()
+            self._bar = None
+        self.save()
+
+    def latency(self, shape: LayerShape) -> float:
+        """Median ms of the layer alone; measured once per signature."""
+        key = shape.key()
+        if key not in self.entries:
+            self.entries[key] = self._measure(shape)
+            self.measured += 1
+            self._advance()
+        return self.entries[key]
+
+    def _measure(self, shape: LayerShape) -> float:
+        from slimgraph.backends import ort
+
+        sess = ort.session(shape.proto(), threads=self.threads, spinning=False)
+        feed = shape.feed()
+        for _ in range(self.warmup):
+            sess.run(None, feed)
+        times = np.empty(self.runs)
+        for i in range(self.runs):
+            start = time.perf_counter()
+            sess.run(None, feed)
+            times[i] = time.perf_counter() - start
+        return float(np.median(times) * 1e3)
+
+    def _advance(self) -> None:
+        if not self._progress:
+            return
+        if self._bar is None:
+            from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+            bar = Progress(SpinnerColumn(), TextColumn("measuring layer latencies: {task.completed} shapes"),
+                           TimeElapsedColumn(), transient=True)
+            bar.start()
+            self._bar = (bar, bar.add_task("measure", total=None))
+        self._bar[0].advance(self._bar[1])
+
+
+# --- choosing counts --------------------------------------------------------------------------------
+@dataclasses.dataclass
+class _Layer:
+    name: str
+    shape: LayerShape
+    root_in: str | None
+    root_out: str | None
+    depthwise: bool
+    groups: frozenset[int]
+
+
+def _layers(model: Model, analysis: ChannelAnalysis, group_ids: set[int]) -> list[_Layer]:
+    out = []
+    for node in model.graph:
+        shape = layer_shape(node)
+        if shape is None:
+            continue
+        root_in, root_out, depthwise = analysis.layer_spaces.get(node.name, (None, None, False))
+        touched = set()
+        for root in (root_in, root_out):
+            for leaf, _ in analysis._leaves.get(root, []) if root is not None else []:
+                gid = analysis._group_of_leaf.get(leaf)
+                if gid in group_ids:
+                    touched.add(gid)
+        out.append(_Layer(node.name, shape, root_in, root_out, depthwise, frozenset(touched)))
+    return out
+
+
+def _kept(analysis: ChannelAnalysis, root: str | None, counts: Mapping[int, int], full: int) -> int:
+    kt = space_size(analysis, root, counts)
+    if not kt or not kt[1]:
+        return full
+    return max(1, int(round(full * kt[0] / kt[1])))
+
+
+def _layer_latency(table: LatencyTable, analysis: ChannelAnalysis, layer: _Layer, counts: Mapping[int, int]) -> float:
+    if not layer.groups:
+        return table.latency(layer.shape)
+    cin, cout = layer.shape.channels()
+    if layer.depthwise:
+        c = _kept(analysis, layer.root_out, counts, cout)
+        return table.latency(layer.shape.resized(c, c))
+    return table.latency(layer.shape.resized(_kept(analysis, layer.root_in, counts, cin),
+                                             _kept(analysis, layer.root_out, counts, cout)))
+
+
+def _uniform_counts(analysis: ChannelAnalysis, group_ids, ratio: float, multiple: int, min_channels: int) -> dict[int, int]:
+    """What `prune.structured(mode=uniform)` keeps at `ratio` (its rounding rule)."""
+    out = {}
+    for gid in group_ids:
+        size = analysis.groups[gid].size
+        k = max(int(round(size * (1 - ratio))), 1)
+        if multiple > 1:
+            k = max(multiple, int(round(k / multiple)) * multiple)
+        out[gid] = int(min(max(k, min_channels), size))
+    return out
+
+
+def latency_target(model: Model, analysis: ChannelAnalysis, group_ids, config) -> float:
+    """The fraction of predicted latency to remove (see the module docstring)."""
+    explicit = getattr(config, "target_latency", None)
+    if explicit is not None:
+        return float(explicit)
+    target_macs = getattr(config, "target_macs", None)
+    fields_set = getattr(config, "model_fields_set", None)
+    if target_macs is not None and (fields_set is None or "target_macs" in fields_set):
+        return float(target_macs)
+    macs = dict(model.analysis("macs"))
+    total = float(sum(macs.values())) or 1.0
+    counts = _uniform_counts(analysis, group_ids, float(getattr(config, "ratio", 0.5)),
+                             int(getattr(config, "multiple", 1)), int(getattr(config, "min_channels", 1)))
+    return max(0.0, 1.0 - estimate_macs(analysis, macs, counts) / total)
+
+
+def _floor(size: int, config) -> int:
+    multiple = int(getattr(config, "multiple", 1))
+    floor = max(int(np.ceil(float(getattr(config, "min_keep", 0.0)) * size)), int(getattr(config, "min_channels", 1)), 1)
+    if multiple > 1:
+        floor = max(multiple, -(-floor // multiple) * multiple)
+    return min(floor, size)
+
+
+def _step_down(count: int, multiple: int) -> int:
+    """The next smaller count: the multiple below `count`."""
+    if multiple <= 1:
+        return count - 1
+    return (count - 1) // multiple * multiple
+
+
+def choose_keep(model: Model, analysis: ChannelAnalysis, scores: Mapping[int, np.ndarray], config, *,
+                table: LatencyTable | None = None, progress: bool = True) -> dict[int, int]:
+    """Kept channel count per group of `scores` (group id -> per-channel importance) so
+    that the predicted latency meets the target at the least importance lost (see the
+    module docstring). `model` and `analysis` are not modified. `table`: a `LatencyTable`
+    (default: the cached one for this CPU, ORT version and 2 threads)."""
+    table = table if table is not None else LatencyTable(progress=progress)
+    try:
+        return _greedy(model, analysis, scores, config, table)
+    finally:
+        table.close()
+
+
+def _greedy(model, analysis, scores, config, table) -> dict[int, int]:
+    group_ids = {gid for gid in scores if analysis.groups[gid].safe}
+    multiple = int(getattr(config, "multiple", 1))
+    layers = _layers(model, analysis, group_ids)
+    counts = {gid: analysis.groups[gid].size for gid in group_ids}
+    floors = {gid: _floor(analysis.groups[gid].size, config) for gid in group_ids}
+    # importance lost by keeping the top-k: suffix sums of the scores sorted high to low
+    lost_at: dict[int, np.ndarray] = {}
+    for gid in group_ids:
+        s = np.sort(np.asarray(scores[gid], dtype=np.float64))[::-1]
+        mean = float(np.mean(s)) if len(s) else 1.0
+        s = s / mean if mean > 0 else s
+        lost_at[gid] = np.concatenate([np.cumsum(s[::-1])[::-1], [0.0]])  # lost_at[k]: channels k.. removed
+    by_group: dict[int, list[_Layer]] = {gid: [] for gid in group_ids}
+    for layer in layers:
+        for gid in layer.groups:
+            by_group[gid].append(layer)
+    current = {layer.name: _layer_latency(table, analysis, layer, counts) for layer in layers}
+    dense = sum(current.values())
+    if dense <= 0 or not group_ids:
+        return counts
+    goal = dense * (1.0 - latency_target(model, analysis, group_ids, config))
+    total = dense
+    while total > goal:
+        best, best_value, best_times = None, -np.inf, None
+        for gid in sorted(group_ids):
+            nxt = _step_down(counts[gid], multiple)
+            if nxt < floors[gid]:
+                continue
+            trial = {**counts, gid: nxt}
+            times = {layer.name: _layer_latency(table, analysis, layer, trial) for layer in by_group[gid]}
+            saved = sum(current[n] - t for n, t in times.items())
+            lost = float(lost_at[gid][nxt] - lost_at[gid][counts[gid]])
+            value = saved / max(lost, 1e-9)
+            if value > best_value:
+                best, best_value, best_times = gid, value, times
+        if best is None:
+            logger.warning("prune.structured (latency): predicted latency %.3f ms is still above the goal "
+                           "%.3f ms with every group at its floor (min_keep, min_channels, multiple)",
+                           total, goal)
+            break
+        counts[best] = _step_down(counts[best], multiple)
+        current.update(best_times)
+        total = sum(current.values())
+    logger.info("prune.structured (latency): predicted %.3f ms of %.3f ms dense (goal %.3f); %d shapes measured",
+                total, dense, goal, table.measured)
+    return counts
+
+
+def predicted_latency(model: Model, analysis: ChannelAnalysis, counts: Mapping[int, int],
+                      table: LatencyTable) -> float:
+    """Predicted ms of the weight layers of `model` when group `g` keeps `counts[g]` channels."""
+    layers = _layers(model, analysis, set(counts))
+    return float(sum(_layer_latency(table, analysis, layer, counts) for layer in layers))
+
+
+def iter_layers(model: Model) -> Iterator[tuple[str, LayerShape]]:
+    """(node name, signature) of every weight layer whose latency can be measured."""
+    for node in model.graph:
+        shape = layer_shape(node)
+        if shape is not None:
+            yield node.name, shape
