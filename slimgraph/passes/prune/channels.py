@@ -178,7 +178,8 @@ class _Builder:
         self.spaces: dict[str, _Space] = {}
         self.info: dict[str, _Info] = {}
         self.fixups: list[tuple] = []
-        self.weight_uses: dict[int, int] = {}
+        # unnamed nodes are named as the "macs" analysis names them
+        self.names = {n: n.name or f"{n.op_type}_{i}" for i, n in enumerate(model.nodes(recursive=True))}
         self._n = 0
 
     # spaces
@@ -215,7 +216,7 @@ class _Builder:
         if _constant(value) is None:
             self.unsafe(info.key, f"{node.op_type} {node.name!r}: its {role} tensor {value.name!r} is not a constant")
             return
-        self.spaces[info.key].slices.append(Slice(value, axis, node.name, role, factor))
+        self.spaces[info.key].slices.append(Slice(value, axis, self.names[node], role, factor))
 
     def same(self, node: ir.Node, src: ir.Value, out: ir.Value, axis: int | None = None) -> None:
         """out has the channel space of src (at `axis` if the op moves it)."""
@@ -279,7 +280,7 @@ def _check_weight_sharing(b: _Builder) -> None:
             holders.setdefault(id(s.value), []).append((key, s))
     for vid, items in holders.items():
         value = items[0][1].value
-        readers = {use.node.name for use in value.uses()}
+        readers = {b.names.get(use.node, use.node.name) for use in value.uses()}
         roots_per_axis: dict[int, set[str]] = {}
         for k, s in items:
             roots_per_axis.setdefault(s.axis, set()).add(b.uf[k])
@@ -375,7 +376,7 @@ def _finish(model: Model, b: _Builder) -> ChannelAnalysis:
             gid, sp.size or 0, not reasons, "; ".join(reasons[:3]), producers, consumers,
             slices, values_of.get(leaf, []),
         ))
-    layer_groups = _layer_groups(model, b, groups, leaves, group_of_leaf)
+    layer_groups = _layer_groups(b, groups, leaves, group_of_leaf)
     fixups = [(f[0], [b.uf[k] for k in f[1]], *f[2:]) for f in b.fixups]
     spaces = {}
     for node in model.graph:
@@ -383,11 +384,11 @@ def _finish(model: Model, b: _Builder) -> ChannelAnalysis:
             ins, outs = b.get(node.inputs[0]), b.get(node.outputs[0])
             root_in = b.uf[ins.key] if ins is not None else None
             root_out = b.uf[outs.key] if outs is not None else None
-            spaces[node.name] = (root_in, root_out, root_in is not None and root_in == root_out)
+            spaces[b.names[node]] = (root_in, root_out, root_in is not None and root_in == root_out)
     return ChannelAnalysis(groups, layer_groups, merged, leaves, group_of_leaf, fixups, spaces)
 
 
-def _layer_groups(model, b, groups, leaves, group_of_leaf) -> dict[str, tuple[int | None, int | None]]:
+def _layer_groups(b, groups, leaves, group_of_leaf) -> dict[str, tuple[int | None, int | None]]:
     def gid(value: ir.Value | None) -> int | None:
         info = b.get(value)
         if info is None:
@@ -399,9 +400,9 @@ def _layer_groups(model, b, groups, leaves, group_of_leaf) -> dict[str, tuple[in
         return gid_ if gid_ is not None and groups[gid_].safe else None
 
     out = {}
-    for node in model.graph:
+    for node in b.model.graph:
         if node.op_type in WEIGHT_OPS and not node.domain:
-            out[node.name] = (gid(node.inputs[0]), gid(node.outputs[0]))
+            out[b.names[node]] = (gid(node.inputs[0]), gid(node.outputs[0]))
     return out
 
 

@@ -188,14 +188,22 @@ class PruneStructured(Pass):
 
 
 def _prepare(model: Model) -> bool:
-    """Fold constants (exporters compute some biases and shapes at run time) and infer
-    shapes. Returns whether the graph changed."""
+    """Fold constants (exporters compute some biases and shapes at run time), drop dead
+    nodes (a dead reader of a channel tensor would make it unsafe) and infer shapes.
+    Returns whether the graph changed."""
+    from slimgraph.passes.cleanup.eliminate_dead import EliminateDead
     from slimgraph.passes.cleanup.fold_constants import FoldConstants
     from slimgraph.passes.cleanup.infer_shapes import InferShapes
 
     folded = FoldConstants()(model).modified
+    dead = EliminateDead()(model).modified
     InferShapes()(model)
-    return folded
+    named = 0
+    for i, node in enumerate(model.nodes(recursive=True)):
+        if not node.name:  # layers are reported and matched by name
+            node.name = f"{node.op_type}_{i}"
+            named += 1
+    return folded or dead or named > 0
 
 
 def _measure(model: Model) -> dict[str, int]:

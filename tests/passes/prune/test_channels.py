@@ -1,0 +1,328 @@
+"""Channel-coupling rules on hand-written graphs.
+
+Each model has, in every prunable group, channels whose producer weights, biases, BN shift
+and mean, and consumer columns are exactly zero: they are the lowest-L1 channels and
+contribute nothing, so pruning exactly them must leave every output unchanged (1e-5).
+A wrong coupling or a misaligned slice removes a live channel and changes the outputs.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import slimgraph
+from slimgraph.passes.cleanup.infer_shapes import InferShapes
+from slimgraph.passes.prune.channels import analyze
+from tests.helpers import assert_same_outputs
+from tests.passes.prune.conftest import build, dead_vector, dead_weight
+
+HEAD = '<ir_version: 8, opset_import: ["" : 17]>\n'
+
+
+def prune(model, pipeline=None, **config):
+    config = {"multiple": 1, **config}
+    result = slimgraph.run(model, pipeline or [{"prune.structured": config}])
+    return result.model, result.report.rows[-1].stats
+
+
+def weight_shapes(model) -> dict[str, tuple[int, ...]]:
+    return {name: tuple(v.const_value.shape) for name, v in model.graph.initializers.items()}
+
+
+def groups_of(model):
+    m = model.clone()
+    InferShapes()(m)
+    return analyze(m)
+
+
+@pytest.fixture
+def x(rng):
+    return {"x": rng.standard_normal((1, 4, 8, 8)).astype(np.float32)}
+
+
+def conv_bn_model(rng, dead=(1, 3, 4, 6)):
+    return build(HEAD + """
+        g (float[1,4,8,8] x, float[8,4,3,3] w1, float[8] b1, float[8] gamma, float[8] beta,
+           float[8] mean, float[8] var, float[6,8,1,1] w2) => (float[1,6,8,8] y) {
+            c = Conv<pads=[1,1,1,1]>(x, w1, b1)
+            n = BatchNormalization(c, gamma, beta, mean, var)
+            r = Relu(n)
+            y = Conv(r, w2)
+        }""",
+        w1=dead_weight(rng, (8, 4, 3, 3), dead), b1=dead_vector(rng, 8, dead),
+        gamma=dead_vector(rng, 8, (), 0.5, 1.5), beta=dead_vector(rng, 8, dead),
+        mean=dead_vector(rng, 8, dead), var=dead_vector(rng, 8, (), 0.5, 2.0),
+        w2=dead_weight(rng, (6, 8, 1, 1), (), dead),
+    )
+
+
+def test_conv_bn_relu_conv_groups(rng):
+    a = groups_of(conv_bn_model(rng))
+    safe = a.safe_groups()
+    assert len(safe) == 1
+    g = safe[0]
+    assert g.size == 8 and len(g.producers) == 1 and len(g.consumers) == 1
+    assert {s.value.name for s, _ in g.slices} == {"w1", "b1", "gamma", "beta", "mean", "var", "w2"}
+    # the input (graph input) and the output (graph output) are unsafe and say why
+    reasons = " ".join(x.reason for x in a.groups if not x.safe)
+    assert "graph input" in reasons and "graph output" in reasons
+    layers = list(a.layer_groups.values())
+    assert layers == [(None, g.id), (g.id, None)]
+
+
+def test_conv_bn_relu_conv_exact(rng, x):
+    model = conv_bn_model(rng)
+    pruned, stats = prune(model, ratio=0.5)
+    assert_same_outputs(model, pruned, x)
+    shapes = weight_shapes(pruned)
+    assert shapes["w1"] == (4, 4, 3, 3) and shapes["w2"] == (6, 4, 1, 1)
+    assert all(shapes[k] == (4,) for k in ("gamma", "beta", "mean", "var", "b1"))
+    assert stats["groups_pruned"] == 1 and stats["channels_before"] == 8 and stats["channels_after"] == 4
+    assert stats["macs_after"] < stats["macs_before"]
+    row = next(r for r in stats["table"] if r["out ch"] == "8 -> 4")
+    assert row["op"] == "Conv" and row["in ch"] == "4 -> 4"
+
+
+def test_after_batchnorm_folding(rng, x):
+    model = conv_bn_model(rng)
+    pruned, stats = prune(model, ["fold_batchnorm", {"prune.structured": {"ratio": 0.5, "multiple": 1}}])
+    assert "BatchNormalization" not in [n.op_type for n in pruned.graph]
+    assert stats["groups_pruned"] == 1
+    assert_same_outputs(model, pruned, x)
+
+
+def test_residual_add(rng, x):
+    dead = (0, 2, 5, 7)
+    model = build(HEAD + """
+        g (float[1,4,8,8] x, float[8,4,1,1] w1, float[8,8,3,3] w2, float[8] b2, float[5,8,1,1] w3)
+          => (float[1,5,8,8] y) {
+            a = Conv(x, w1)
+            r = Relu(a)
+            b = Conv<pads=[1,1,1,1]>(r, w2, b2)
+            s = Add(a, b)
+            t = Relu(s)
+            y = Conv(t, w3)
+        }""",
+        w1=dead_weight(rng, (8, 4, 1, 1), dead), w2=dead_weight(rng, (8, 8, 3, 3), dead, dead),
+        b2=dead_vector(rng, 8, dead), w3=dead_weight(rng, (5, 8, 1, 1), (), dead),
+    )
+    safe = groups_of(model).safe_groups()
+    assert len(safe) == 1 and len(safe[0].producers) == 2  # both branches of the residual
+    pruned, _ = prune(model, ratio=0.5)
+    assert_same_outputs(model, pruned, x)
+    assert weight_shapes(pruned)["w2"] == (4, 4, 3, 3)
+
+
+def test_depthwise(rng, x):
+    dead = (1, 2, 4, 7)
+    model = build(HEAD + """
+        g (float[1,4,8,8] x, float[8,4,1,1] w1, float[8,1,3,3] dw, float[8] db, float[3,8,1,1] w3)
+          => (float[1,3,8,8] y) {
+            a = Conv(x, w1)
+            r = Clip(a)
+            d = Conv<group=8, pads=[1,1,1,1]>(r, dw, db)
+            e = Relu(d)
+            y = Conv(e, w3)
+        }""",
+        w1=dead_weight(rng, (8, 4, 1, 1), dead), dw=dead_weight(rng, (8, 1, 3, 3), dead),
+        db=dead_vector(rng, 8, dead), w3=dead_weight(rng, (3, 8, 1, 1), (), dead),
+    )
+    pruned, _ = prune(model, ratio=0.5)
+    assert_same_outputs(model, pruned, x)
+    dw = next(n for n in pruned.graph if n.op_type == "Conv" and n.attributes.get_int("group", 1) > 1)
+    assert dw.attributes.get_int("group") == 4 and weight_shapes(pruned)["dw"] == (4, 1, 3, 3)
+
+
+def test_grouped_conv_is_unsafe(rng):
+    model = build(HEAD + """
+        g (float[1,4,8,8] x, float[8,4,1,1] w1, float[8,4,3,3] gw, float[3,8,1,1] w3) => (float[1,3,8,8] y) {
+            a = Conv(x, w1)
+            d = Conv<group=2, pads=[1,1,1,1]>(a, gw)
+            y = Conv(d, w3)
+        }""",
+        w1=dead_weight(rng, (8, 4, 1, 1)), gw=dead_weight(rng, (8, 4, 3, 3)), w3=dead_weight(rng, (3, 8, 1, 1)),
+    )
+    a = groups_of(model)
+    assert not a.safe_groups()
+    assert sum("grouped Conv" in g.reason for g in a.groups) == 2  # its input and its output
+
+
+def test_concat(rng, x):
+    da, db = (0, 2), (1, 3, 5)
+    model = build(HEAD + """
+        g (float[1,4,8,8] x, float[4,4,1,1] wa, float[6,4,3,3] wb, float[5,10,1,1] wc) => (float[1,5,8,8] y) {
+            a = Conv(x, wa)
+            b = Conv<pads=[1,1,1,1]>(x, wb)
+            c = Concat<axis=1>(a, b)
+            r = Relu(c)
+            y = Conv(r, wc)
+        }""",
+        wa=dead_weight(rng, (4, 4, 1, 1), da), wb=dead_weight(rng, (6, 4, 3, 3), db),
+        wc=dead_weight(rng, (5, 10, 1, 1), (), da + tuple(4 + i for i in db)),
+    )
+    safe = groups_of(model).safe_groups()
+    assert sorted(g.size for g in safe) == [4, 6]
+    assert all(g.consumers == safe[0].consumers for g in safe)  # both read by the Conv after the Concat
+    pruned, _ = prune(model, ratio=0.5)
+    assert_same_outputs(model, pruned, x)
+    assert weight_shapes(pruned)["wc"] == (5, 5, 1, 1)
+
+
+def test_split(rng, x):
+    dead = (1, 2, 4, 7)  # two in each half
+    model = build(HEAD + """
+        g (float[1,4,8,8] x, float[8,4,1,1] w1, int64[2] sizes, float[3,4,1,1] wa, float[3,4,1,1] wb)
+          => (float[1,3,8,8] y) {
+            a = Conv(x, w1)
+            s = Sigmoid(a)
+            t = Mul(a, s)
+            p, q = Split<axis=1>(t, sizes)
+            u = Conv(p, wa)
+            v = Conv(q, wb)
+            y = Add(u, v)
+        }""",
+        w1=dead_weight(rng, (8, 4, 1, 1), dead), sizes=np.array([4, 4], np.int64),
+        wa=dead_weight(rng, (3, 4, 1, 1), (), (1, 2)), wb=dead_weight(rng, (3, 4, 1, 1), (), (0, 3)),
+    )
+    safe = groups_of(model).safe_groups()
+    assert sorted(g.size for g in safe) == [4, 4]
+    pruned, _ = prune(model, ratio=0.5)
+    assert_same_outputs(model, pruned, x)
+    split = next(n for n in pruned.graph if n.op_type == "Split")
+    assert split.inputs[1].const_value.numpy().tolist() == [2, 2]
+
+
+@pytest.mark.parametrize("flatten", ["f = Flatten(r)", "f = Reshape(r, shape)"])
+def test_flatten_gemm(rng, flatten):
+    dead = (0, 3)
+    cols = [c * 9 + i for c in dead for i in range(9)]
+    model = build(HEAD + f"""
+        g (float[1,4,3,3] x, float[4,4,1,1] w1, float[4] b1, int64[2] shape, float[5,36] wg, float[5] bg)
+          => (float[1,5] y) {{
+            a = Conv(x, w1, b1)
+            r = Relu(a)
+            {flatten}
+            y = Gemm<transB=1>(f, wg, bg)
+        }}""",
+        w1=dead_weight(rng, (4, 4, 1, 1), dead), b1=dead_vector(rng, 4, dead), shape=np.array([1, 36], np.int64),
+        wg=dead_weight(rng, (5, 36), (), cols), bg=dead_vector(rng, 5),
+    )
+    feeds = {"x": rng.standard_normal((1, 4, 3, 3)).astype(np.float32)}
+    pruned, _ = prune(model, ratio=0.5)
+    assert_same_outputs(model, pruned, feeds)
+    assert weight_shapes(pruned)["wg"] == (5, 18)
+    if "Reshape" in flatten:
+        reshape = next(n for n in pruned.graph if n.op_type == "Reshape")
+        assert reshape.inputs[1].const_value.numpy().tolist() == [1, 18]
+
+
+def test_squeeze_excite_gate(rng, x):
+    da, db = (1, 2, 5, 7), (0, 2)
+    model = build(HEAD + """
+        g (float[1,4,8,8] x, float[8,4,3,3] w1, float[4,8,1,1] w2, float[4] b2, float[8,4,1,1] w3,
+           float[8] b3, float[3,8,1,1] w4) => (float[1,3,8,8] y) {
+            a = Conv<pads=[1,1,1,1]>(x, w1)
+            r = Relu(a)
+            p = GlobalAveragePool(r)
+            h = Conv(p, w2, b2)
+            hr = Relu(h)
+            e = Conv(hr, w3, b3)
+            s = Sigmoid(e)
+            m = Mul(r, s)
+            y = Conv(m, w4)
+        }""",
+        w1=dead_weight(rng, (8, 4, 3, 3), da), w2=dead_weight(rng, (4, 8, 1, 1), db, da), b2=dead_vector(rng, 4, db),
+        w3=dead_weight(rng, (8, 4, 1, 1), da, db), b3=dead_vector(rng, 8, da), w4=dead_weight(rng, (3, 8, 1, 1), (), da),
+    )
+    safe = groups_of(model).safe_groups()
+    assert sorted(g.size for g in safe) == [4, 8]
+    big = next(g for g in safe if g.size == 8)
+    assert len(big.producers) == 2  # the trunk conv and the gate's expanding conv
+    pruned, _ = prune(model, ratio=0.5)
+    assert_same_outputs(model, pruned, x)
+    assert weight_shapes(pruned)["w3"] == (4, 2, 1, 1)
+
+
+def test_resize_and_channel_constant(rng, x):
+    dead = (0, 1, 4, 6)
+    scale = dead_vector(rng, 8, (), 0.5, 2.0).reshape(1, 8, 1, 1)
+    model = build(HEAD + """
+        g (float[1,4,8,8] x, float[8,4,1,1] w1, float[1,8,1,1] scale, float[4] scales, float[3,8,1,1] w2)
+          => (float[1,3,16,16] y) {
+            a = Conv(x, w1)
+            b = Mul(a, scale)
+            u = Resize<mode="nearest">(b, , scales)
+            y = Conv(u, w2)
+        }""",
+        w1=dead_weight(rng, (8, 4, 1, 1), dead), scale=scale, scales=np.array([1, 1, 2, 2], np.float32),
+        w2=dead_weight(rng, (3, 8, 1, 1), (), dead),
+    )
+    pruned, _ = prune(model, ratio=0.5)
+    assert_same_outputs(model, pruned, x)
+    assert weight_shapes(pruned)["scale"] == (1, 4, 1, 1)
+
+
+def test_transpose_to_matmul(rng, x):
+    dead = (2, 3, 5, 6)
+    model = build(HEAD + """
+        g (float[1,4,8,8] x, float[8,4,1,1] w1, float[8,5] wm) => (float[1,8,8,5] y) {
+            a = Conv(x, w1)
+            r = Relu(a)
+            t = Transpose<perm=[0,2,3,1]>(r)
+            y = MatMul(t, wm)
+        }""",
+        w1=dead_weight(rng, (8, 4, 1, 1), dead), wm=dead_weight(rng, (8, 5), dead),
+    )
+    pruned, _ = prune(model, ratio=0.5)
+    assert_same_outputs(model, pruned, x)
+    assert weight_shapes(pruned)["wm"] == (4, 5)
+
+
+def test_no_safe_group_is_a_clear_error(rng):
+    model = build(HEAD + """
+        g (float[1,4,8,8] x, float[8,4,1,1] w1, float[3,8,1,1] w2) => (float[1,3,8,8] y, float[1,8,8,8] z) {
+            a = Conv(x, w1)
+            z = Softmax<axis=1>(a)
+            y = Conv(z, w2)
+        }""",
+        w1=dead_weight(rng, (8, 4, 1, 1)), w2=dead_weight(rng, (3, 8, 1, 1)),
+    )
+    a = groups_of(model)
+    conv_group = next(g for g in a.groups if g.size == 8)
+    assert not conv_group.safe and "softmax over the channel axis" in conv_group.reason
+    with pytest.raises(slimgraph.PassError, match="no channel group can be proved safe.*softmax"):
+        prune(model, ratio=0.5)
+
+
+def test_shared_weight_is_unsafe(rng):
+    model = build(HEAD + """
+        g (float[1,4,8,8] x, float[4,4,1,1] w) => (float[1,4,8,8] y) {
+            a = Conv(x, w)
+            r = Relu(a)
+            y = Conv(r, w)
+        }""",
+        w=dead_weight(rng, (4, 4, 1, 1)),
+    )
+    a = groups_of(model)
+    assert not a.safe_groups()
+    assert any("indexed by two channel spaces" in g.reason for g in a.groups)
+
+
+def test_activation_criteria_need_data_and_use_it(rng, x):
+    model = conv_bn_model(rng)
+    with pytest.raises(slimgraph.PassError, match="needs sample data"):
+        prune(model, ratio=0.5, criterion="apoz")
+    data = {"x": rng.standard_normal((8, 4, 8, 8)).astype(np.float32)}
+    for criterion in ("apoz", "mean_activation"):
+        result = slimgraph.run(model, [{"prune.structured": {"ratio": 0.5, "multiple": 1, "criterion": criterion}}],
+                               data=data)
+        # the dead channels are always zero after the Relu: both criteria remove exactly them
+        assert_same_outputs(model, result.model, x)
+
+
+def test_input_model_is_not_modified(rng, x):
+    model = conv_bn_model(rng)
+    before = model.to_proto().SerializeToString()
+    prune(model, ratio=0.5)
+    assert model.to_proto().SerializeToString() == before
