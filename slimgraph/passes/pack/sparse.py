@@ -1,0 +1,183 @@
+"""pack.sparse: store mostly-zero weights as a bitmask plus the non-zero values (exact).
+
+A pruned weight W (n elements, k of them not zero) becomes two initializers: `mask`, n
+bits packed little-endian into ceil(n / 8) uint8 bytes, and `values`, the k non-zero
+elements in order with the zero prepended, plus a decode subgraph of standard ops (opset
+>= 11) whose inputs are all initializers:
+
+    Cast(mask -> int32) -> Gather(bit table [256, 8]) -> Reshape([-1]) (-> Slice to n)
+    -> CumSum(axis 0)  [1..k at the set bits] -> Mul(bits)  [0 where the bit is clear]
+    -> Gather(values) -> Reshape(W's shape)  = W, under W's name
+
+ONNX Runtime's constant folding evaluates it at session creation, so the graph ORT runs
+is the dense model's (tests compare ORT's optimized graphs): the file is small, latency
+and outputs are unchanged. Every decode node carries `metadata_props["slimgraph.pack"] =
+"sparse:<W>"`; `unpack` folds them back into a plain initializer.
+
+What is packed: every initializer read by a node (not a graph input or output) of at
+least `min_size` elements, of dtype float32 / float16 / float64 / int8 / uint8, whose
+packed form (mask + values + the small shape constants) is smaller than its raw bytes and
+whose fraction of "zeros" is at least `min_sparsity`. For float32 that is about >= 3.2%
+zeros (n/8 + 4 (k + 1) < 4 n). A float zero is +0.0 by bits (-0.0 is kept as a value, so
+decoding is bit-exact); for 8-bit integer weights the background value is the most
+frequent one, which is the zero point of a pruned quantized weight (0 for slimgraph's
+symmetric int8 weights, 128 for uint8 embedding blocks).
+
+Order: this pass must come after every pass that transforms weights (a later
+`fold_constants` would fold the decoders back into dense tensors): `after = ("[!p]*",
+"prune.*")` is fnmatch for "every pass whose name does not start with p, and the prune
+passes"; `pack.clusters` then packs the value vectors further.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx_ir as ir
+
+from slimgraph.errors import PassError
+from slimgraph.ir.model import Model
+from slimgraph.passes.base import Pass, PassConfig, PassResult, float_range, int_range, register_pass
+from slimgraph.passes.cluster._select import PACK_KEY
+from slimgraph.passes.quantize._weights import _attr
+
+KIND = "sparse"
+PACKABLE = {np.dtype(t) for t in (np.float32, np.float16, np.float64, np.int8, np.uint8)}
+#: the fixed bytes of a decode subgraph's small initializers (shape, slice bounds, axis)
+OVERHEAD = 64
+TABLE = "slimgraph_unpack_1bit"
+
+
+def background(array: np.ndarray) -> np.ndarray:
+    """The value left out of `values` (a 0-D array of the weight's dtype)."""
+    if array.dtype.kind == "f":
+        return np.zeros((), array.dtype)
+    counts = np.bincount(array.view(np.uint8).ravel(), minlength=256)
+    return np.array(int(np.argmax(counts)), np.uint8).view(array.dtype).reshape(())
+
+
+def split(array: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(bitmask uint8 [ceil(n/8)], values [k + 1] with the background first, keep [n] bool);
+    elements are compared by bits, so -0.0 and NaN payloads survive."""
+    bg = background(array)
+    uint = np.dtype(f"u{array.itemsize}")
+    flat = np.ascontiguousarray(array).ravel()
+    keep = flat.view(uint) != bg.view(uint)
+    values = np.concatenate([bg.reshape(1), flat[keep]])
+    return np.packbits(keep, bitorder="little"), values, keep
+
+
+def packed_nbytes(n: int, k: int, itemsize: int, ndim: int) -> int:
+    """Bytes of the packed form of an n-element tensor with k kept elements."""
+    return -(-n // 8) + (k + 1) * itemsize + 8 * ndim + OVERHEAD
+
+
+def rebuild(mask: np.ndarray, values: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+    """What the decode subgraph computes, in numpy."""
+    n = int(np.prod(shape))
+    bits = np.unpackbits(mask, bitorder="little")[:n].astype(np.int64)
+    return values[np.cumsum(bits) * bits].reshape(shape)
+
+
+class _Builder:
+    def __init__(self, model: Model):
+        self.graph = model.graph
+        self.nodes: list[ir.Node] = []
+        self._table: ir.Value | None = None
+
+    def init(self, array: np.ndarray, name: str) -> ir.Value:
+        base, i = name, 0
+        while name in self.graph.initializers:
+            i += 1
+            name = f"{base}_{i}"
+        t = ir.tensor(np.asarray(array, order="C"), name=name)
+        v = ir.Value(name=name, const_value=t, shape=ir.Shape(t.shape), type=ir.TensorType(t.dtype))
+        self.graph.register_initializer(v)
+        return v
+
+    def table(self) -> ir.Value:
+        if self._table is None:
+            existing = self.graph.initializers.get(TABLE)
+            bits = ((np.arange(256, dtype=np.int32)[:, None] >> np.arange(8, dtype=np.int32)) & 1).astype(np.int32)
+            if existing is not None and existing.const_value is not None and np.array_equal(existing.const_value.numpy(), bits):
+                self._table = existing
+            else:
+                self._table = self.init(bits, TABLE)
+        return self._table
+
+    def node(self, op: str, inputs: list[ir.Value], target: str, out_name: str | None = None, **attrs) -> ir.Value:
+        name = f"{target}/unpack_sparse/{op}_{len(self.nodes)}"
+        node = ir.Node("", op, inputs, [_attr(k, v) for k, v in attrs.items()], name=name)
+        node.metadata_props[PACK_KEY] = f"{KIND}:{target}"
+        node.outputs[0].name = out_name or f"{name}:0"
+        self.nodes.append(node)
+        return node.outputs[0]
+
+    def decode(self, name: str, shape: tuple[int, ...], mask: np.ndarray, values: np.ndarray) -> ir.Value:
+        n = int(np.prod(shape))
+        byte = self.node("Cast", [self.init(mask, f"{name}_mask")], name, to=int(ir.DataType.INT32))
+        bits = self.node("Gather", [self.table(), byte], name)
+        bits = self.node("Reshape", [bits, self.init(np.array([-1], np.int64), f"{name}_flat")], name)
+        if mask.size * 8 != n:
+            bits = self.node("Slice", [bits, self.init(np.array([0], np.int64), f"{name}_start"),
+                                       self.init(np.array([n], np.int64), f"{name}_end")], name)
+        rank = self.node("CumSum", [bits, self.init(np.array(0, np.int64), f"{name}_axis")], name)
+        index = self.node("Mul", [rank, bits], name)
+        flat = self.node("Gather", [self.init(values, f"{name}_values"), index], name)
+        return self.node("Reshape", [flat, self.init(np.array(shape, np.int64), f"{name}_shape")], name,
+                         out_name=name)
+
+
+@register_pass
+class PackSparse(Pass):
+    """Store sparse weights as bitmask + non-zero values, decoded by ORT at load (exact)."""
+
+    name = "pack.sparse"
+    after = ("[!p]*", "prune.*")
+
+    class Config(PassConfig):
+        #: tensors with fewer elements stay as they are
+        min_size: int = int_range(1, 1 << 30, default=1024, log=True)
+        #: pack only tensors with at least this fraction of zeros (0: whenever it is smaller)
+        min_sparsity: float = float_range(0.0, 1.0, default=0.0)
+
+    def run(self, model: Model, ctx) -> PassResult:
+        cfg = self.config
+        if model.opset < 11:
+            raise PassError(self.name, f"the decode subgraph needs opset >= 11 (CumSum), the model has "
+                            f"{model.opset}; run upgrade_opset first")
+        builder = _Builder(model)
+        table, before, after = [], 0, 0
+        for name, value in list(model.graph.initializers.items()):
+            tensor = value.const_value
+            if (tensor is None or value.is_graph_input() or value.is_graph_output() or not value.uses()
+                    or tensor.size < cfg.min_size or name == TABLE):
+                continue
+            if any(PACK_KEY in u.node.metadata_props for u in value.uses()):
+                continue  # already part of a decode subgraph
+            array = tensor.numpy()
+            if array.dtype not in PACKABLE or array.ndim == 0:
+                continue
+            mask, values, keep = split(array)
+            sparsity = 1.0 - keep.mean()
+            size = packed_nbytes(array.size, len(values) - 1, array.itemsize, array.ndim)
+            if size >= array.nbytes or sparsity < cfg.min_sparsity:
+                continue
+            if rebuild(mask, values, array.shape).tobytes() != np.ascontiguousarray(array).tobytes():
+                raise PassError(self.name, f"bitmask of {name!r} does not rebuild it bit for bit")
+            model.graph.initializers.pop(name)
+            value.name = f"{name}__dense"
+            decoded = builder.decode(name, array.shape, mask, values)
+            decoded.shape, decoded.type = ir.Shape(array.shape), ir.TensorType(tensor.dtype)
+            value.replace_all_uses_with(decoded)
+            before, after = before + array.nbytes, after + size
+            table.append({"tensor": name, "shape": "x".join(map(str, array.shape)), "dtype": str(array.dtype),
+                          "zeros": f"{sparsity:.1%}", "bytes": f"{array.nbytes} -> {size}"})
+        if not table:
+            return PassResult(model, False, {"packed": 0})
+        first = next(iter(model.graph), None)
+        if first is None:
+            model.graph.extend(builder.nodes)
+        else:
+            model.graph.insert_before(first, builder.nodes)
+        return PassResult(model, True, {"packed": len(table), "bytes": f"{before} -> {after}",
+                                        "ratio": round(before / max(after, 1), 2), "table": table})

@@ -1,0 +1,114 @@
+"""unpack: fold the decode subgraphs of the `pack.*` passes back into plain initializers (exact).
+
+`pack.sparse` and `pack.clusters` store a weight compactly and rebuild it with a small
+subgraph of standard ops whose inputs are all initializers; every node of such a subgraph
+carries `metadata_props["slimgraph.pack"] = "<kind>:<tensor>"`. Only those nodes are
+touched (a decode-like subgraph without the mark, made by another tool, is left to
+`fold_constants`). They are evaluated here with numpy (`decode`: a tiny interpreter of
+the few ops the pack passes emit), each rebuilt tensor becomes an initializer with its
+name, and the decode nodes and the initializers only they read are removed, so later
+passes see ordinary dense weights. The `cleanup` recipe starts with this pass, so a packed
+model loaded again can be optimized further (and packed again at the end).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx_ir as ir
+
+from slimgraph.errors import PassError
+from slimgraph.ir.model import Model
+from slimgraph.passes.base import Pass, PassResult, register_pass
+from slimgraph.passes.cluster._select import PACK_KEY
+
+
+
+def _gather(data, idx, axis=0):
+    return np.take(data, idx.astype(np.int64), axis=axis)
+
+
+def _slice(data, starts, ends, axes=None, steps=None):
+    axes = range(len(starts)) if axes is None else axes
+    steps = [1] * len(starts) if steps is None else steps
+    index = [slice(None)] * data.ndim
+    for s, e, a, st in zip(starts, ends, axes, steps):
+        index[int(a)] = slice(int(s), int(e), int(st))
+    return data[tuple(index)]
+
+
+#: op -> f(node, *input arrays); exactly the ops the pack passes emit
+_OPS = {
+    "Cast": lambda n, x: x.astype(ir.DataType(n.attributes.get_int("to")).numpy()),
+    "Gather": lambda n, d, i: _gather(d, i, n.attributes.get_int("axis", 0)),
+    "Reshape": lambda n, x, s: x.reshape(tuple(int(d) for d in s)),
+    "Slice": lambda n, x, *a: _slice(x, *a),
+    "CumSum": lambda n, x, axis: np.cumsum(x, axis=int(axis), dtype=x.dtype),
+    "Mul": lambda n, a, b: a * b,
+    "Add": lambda n, a, b: a + b,
+    "Transpose": lambda n, x: np.transpose(x, n.attributes.get_ints("perm", None)),
+}
+
+
+def pack_nodes(model: Model) -> list[ir.Node]:
+    return [n for n in model.graph if PACK_KEY in n.metadata_props]
+
+
+def decode(model: Model) -> dict[str, np.ndarray]:
+    """{name: array} of every tensor a decode subgraph rebuilds (its outputs read by other
+    nodes or by the graph's outputs). The model is not modified."""
+    env: dict[int, np.ndarray] = {}
+    nodes = pack_nodes(model)
+    for node in nodes:
+        args = []
+        for v in node.inputs:
+            if v is None:
+                args.append(None)
+            elif id(v) in env:
+                args.append(env[id(v)])
+            elif v.const_value is not None:
+                args.append(v.const_value.numpy())
+            else:
+                raise PassError("unpack", f"decode node {node.name!r} reads {v.name!r}, which is neither "
+                                "an initializer nor a decode output")
+        fn = _OPS.get(node.op_type)
+        if fn is None:
+            raise PassError("unpack", f"decode node {node.name!r}: op {node.op_type} is not one the pack passes emit")
+        env[id(node.outputs[0])] = np.asarray(fn(node, *[a for a in args if a is not None]))
+    marked = {id(n) for n in nodes}
+    out = {}
+    for node in nodes:
+        value = node.outputs[0]
+        if value.is_graph_output() or any(id(u.node) not in marked for u in value.uses()):
+            out[value.name] = env[id(value)]
+    return out
+
+
+@register_pass
+class Unpack(Pass):
+    """Fold slimgraph's pack decode subgraphs back into dense initializers (exact)."""
+
+    name = "unpack"
+
+    def run(self, model: Model, ctx) -> PassResult:
+        nodes = pack_nodes(model)
+        if not nodes:
+            return PassResult(model, False, {"unpacked": 0})
+        arrays = decode(model)
+        graph = model.graph
+        inputs = {id(v): v for n in nodes for v in n.inputs if v is not None and v.const_value is not None}
+        for node in nodes:
+            value = node.outputs[0]
+            if value.name not in arrays:
+                continue
+            name = value.name
+            value.name = f"{name}__packed"
+            dense = ir.Value(name=name, const_value=ir.tensor(np.asarray(arrays[name], order="C"), name=name),
+                             shape=ir.Shape(arrays[name].shape), type=value.type)
+            graph.register_initializer(dense)
+            value.replace_all_uses_with(dense, replace_graph_outputs=True)
+        for node in reversed(nodes):
+            graph.remove(node, safe=True)
+        for value in inputs.values():
+            if not value.uses() and value.name in graph.initializers and not value.is_graph_output():
+                graph.initializers.pop(value.name)
+        return PassResult(model, True, {"unpacked": len(arrays), "nodes_removed": len(nodes)})
