@@ -72,8 +72,8 @@ def _weight(node: ir.Node) -> ir.Value | None:
     return node.inputs[idx]
 
 
-def first_and_last(model: Model) -> tuple[set[str], set[str]]:
-    """Names of the first and the last compute layers (constant-weight Conv/Gemm/MatMul with no
+def first_and_last(model: Model) -> tuple[set[int], set[int]]:
+    """ids of the first and the last compute layers (constant-weight Conv/Gemm/MatMul with no
     such layer before, resp. after, them on any path through the graph)."""
     compute = [n for n in model.graph if n.op_type in COMPUTE and _weight(n) is not None]
     ids = {id(n) for n in compute}
@@ -84,7 +84,7 @@ def first_and_last(model: Model) -> tuple[set[str], set[str]]:
         for node in order:
             hit = any(id(v) in tainted for v in inputs_of(node) if v is not None)
             if id(node) in ids and not hit:
-                ends.add(node.name)
+                ends.add(id(node))
             if hit or id(node) in ids:
                 tainted.update(id(v) for v in outputs_of(node) if v is not None)
         return ends
@@ -113,8 +113,8 @@ def select(model: Model, *, min_size: int, exclude: tuple[str, ...], embeddings:
             used.add(hit)
             skipped.append({"layer": layer, "reason": f"excluded by {hit!r}"})
             continue
-        if node.name in first or node.name in last:
-            skipped.append({"layer": layer, "reason": "first layer" if node.name in first else "last layer"})
+        if id(node) in first or id(node) in last:
+            skipped.append({"layer": layer, "reason": "first layer" if id(node) in first else "last layer"})
             continue
         if id(value) in by_value:  # shared weight: pruned once
             by_value[id(value)].nodes.append(node)

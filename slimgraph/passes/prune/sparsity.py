@@ -130,9 +130,11 @@ def _dequantize(node: ir.Node, reader: _Reader) -> View | None:
     w = reader.array(node.inputs[0])
     if w is None:
         return None
-    reader_op = next((u.node for u in node.outputs[0].uses() if u.node.op_type in _LAYOUT), None)
-    rule = _LAYOUT[reader_op.op_type][2] if reader_op is not None else None
-    axis = _axis(rule, reader_op, w.ndim) if reader_op is not None else None
+    reader_op = next((u.node for u in node.outputs[0].uses()
+                      if u.node.op_type in _LAYOUT and u.idx == _LAYOUT[u.node.op_type][0]), None)
+    if reader_op is None:
+        return None  # a bias, or an activation: not a weight
+    axis = _axis(_LAYOUT[reader_op.op_type][2], reader_op, w.ndim)
     zp = reader.array(node.inputs[2]) if len(node.inputs) > 2 else None
     z = np.asarray(0)
     if zp is not None and zp.size > 1:
