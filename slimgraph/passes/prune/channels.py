@@ -108,7 +108,7 @@ class Group:
     #: (name, channel axis, factor) of activation values whose channels are this group's
     values: list[tuple[str, int, int]] = dataclasses.field(repr=False, default_factory=list)
 
-    def weight_rows(self, model: Model | None = None) -> Iterator[tuple[Slice, np.ndarray]]:
+    def weight_rows(self) -> Iterator[tuple[Slice, np.ndarray]]:
         """Each weight slice of the group as a [size, -1] matrix: row c holds every entry
         of channel c in that tensor."""
         for s, offset in self.slices:

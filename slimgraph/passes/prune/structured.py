@@ -12,7 +12,8 @@
      least `min_keep` of each group kept;
    - macs: like global, with the threshold binary-searched until the estimated MACs are
      down by `target_macs`;
-   - latency: `slimgraph.passes.prune.latency.choose_keep(model, analysis, scores, config)`.
+   - latency: `slimgraph.passes.prune.latency.choose_keep(model, analysis, scores, config)`
+     (measured per-layer latency; `target_latency`, else `target_macs` or `ratio`).
    Counts are rounded to a multiple of `multiple` (never below it, never above the group),
    and at least `min_channels`; the highest-scoring channels are kept.
 5. `channels.apply` slices every tensor of each group and re-checks the model.
@@ -26,6 +27,7 @@ import fnmatch
 import logging
 
 import numpy as np
+import onnx
 import pydantic
 
 from slimgraph.errors import PassError
@@ -62,6 +64,8 @@ class PruneStructured(Pass):
         min_keep: float = pydantic.Field(default=0.1, ge=0.0, le=1.0,
                                          json_schema_extra={"domain": {"float": [0.0, 0.5], "log": False}})
         target_macs: float = _fraction(0.5)
+        #: mode latency: fraction of the predicted latency to remove (None: see latency.py)
+        target_latency: float | None = pydantic.Field(default=None, ge=0.0, lt=1.0)
         multiple: int = int_range(1, 64, default=8)
         min_channels: int = int_range(1, 1 << 16, default=1)
         samples: int = int_range(1, 4096, default=64)
@@ -94,8 +98,9 @@ class PruneStructured(Pass):
         if keep:
             try:
                 analysis.apply(model, keep)
-            except Exception as e:  # the checker or shape inference refused the result
-                raise PassError(self.name, f"pruning produced an invalid model: {e}") from e
+            except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as e:
+                raise PassError(self.name, f"pruning produced an invalid model (a bug; please report it "
+                                           f"with the model): {e}") from e
             model.bump()
         after = _measure(model)
         stats = {

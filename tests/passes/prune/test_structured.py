@@ -1,0 +1,214 @@
+"""prune.structured on real models (the trained digits CNN, magika, torch architectures
+exported to ONNX) and its configuration errors."""
+
+from __future__ import annotations
+
+import logging
+import sys
+import types
+
+import numpy as np
+import pytest
+
+import slimgraph
+from slimgraph import zoo
+from slimgraph.backends import ort
+from slimgraph.errors import PassError, PipelineError
+
+logger = logging.getLogger(__name__)
+
+
+def prune(model, data=None, seed=0, **config):
+    result = slimgraph.run(model, [{"prune.structured": config}], data=data, seed=seed)
+    return result.model, result.report.rows[-1].stats
+
+
+@pytest.fixture(scope="module")
+def digits():
+    return slimgraph.load(str(zoo.digits_cnn()))
+
+
+@pytest.fixture(scope="module")
+def digits_test():
+    return zoo.digits_test_data()
+
+
+def accuracy(model, test) -> float:
+    out = ort.run_batched(model, {"input": test["input"]})
+    return float((np.argmax(out["logits"], axis=1) == test["labels"]).mean())
+
+
+# --- digits CNN (trained) ------------------------------------------------------------------------
+@pytest.mark.parametrize("ratio", [0.3, 0.5])
+def test_digits_accuracy_without_finetuning(digits, digits_test, ratio, capsys):
+    pruned, stats = prune(digits, ratio=ratio, multiple=1)
+    base, acc = accuracy(digits, digits_test), accuracy(pruned, digits_test)
+    with capsys.disabled():
+        print(f"\ndigits CNN, ratio {ratio}: top-1 {base:.3f} -> {acc:.3f}, MACs {stats['macs_before']} -> "
+              f"{stats['macs_after']}, params {stats['params_before']} -> {stats['params_after']}")
+    assert acc > 0.3  # well above chance (0.1) without fine-tuning
+    # the three conv groups are cut; the input and the logits are not
+    assert (stats["groups_pruned"], stats["groups_unsafe"]) == (3, 2)
+    assert stats["channels_after"] == sum(c - round(c * ratio) for c in (16, 32, 32))
+    assert stats["macs_after"] < stats["macs_before"] * (1 - ratio) ** 2 * 1.15
+    assert [r["out ch"] for r in stats["table"]][-1] == "10 -> 10"
+
+
+def test_digits_l1_beats_random_selection(digits, digits_test):
+    l1 = accuracy(prune(digits, ratio=0.3, multiple=1)[0], digits_test)
+    randoms = [accuracy(prune(digits, ratio=0.3, multiple=1, criterion="random", seed=s)[0], digits_test)
+               for s in range(5)]
+    logger.info("digits at 30%%: l1 %.3f, random %s", l1, randoms)
+    assert l1 > np.mean(randoms)
+
+
+@pytest.mark.parametrize("mode", ["global", "macs"])
+def test_digits_global_and_macs_modes(digits, digits_test, mode):
+    pruned, stats = prune(digits, mode=mode, ratio=0.3, target_macs=0.5, min_keep=0.25, multiple=1)
+    assert accuracy(pruned, digits_test) > 0.3
+    if mode == "macs":
+        assert stats["macs_after"] == pytest.approx(0.5 * stats["macs_before"], rel=0.1)
+    # the per-group floor holds: no layer keeps fewer than a quarter of its channels
+    for row in stats["table"]:
+        before, after = (int(x) for x in row["out ch"].split(" -> "))
+        assert after >= before // 4
+
+
+def test_digits_bn_scale_and_rounding(digits, digits_test):
+    pruned, stats = prune(digits, ratio=0.3, criterion="bn_scale", multiple=8)
+    outs = [r["out ch"] for r in stats["table"]]
+    assert outs == ["16 -> 8", "32 -> 24", "32 -> 24", "10 -> 10"]  # multiples of 8, never above
+    assert accuracy(pruned, digits_test) > 0.3
+
+
+def test_exclude_and_layers(digits):
+    # by torch module path: the second conv reads the first one's channels and makes the
+    # second one's, so both of those groups stay whole; the third conv's is cut
+    _, stats = prune(digits, ratio=0.5, multiple=1, exclude=["features.1.*"])
+    assert [r["out ch"] for r in stats["table"]][:3] == ["16 -> 16", "32 -> 32", "32 -> 16"]
+    _, stats = prune(digits, ratio=0.5, multiple=1, exclude=["Gemm"])  # by op type
+    assert [r["out ch"] for r in stats["table"]][:3] == ["16 -> 8", "32 -> 16", "32 -> 32"]
+    _, stats = prune(digits, ratio=0.5, multiple=1, layers=["node_conv2d_2"])
+    assert [r["out ch"] for r in stats["table"]][:3] == ["16 -> 16", "32 -> 32", "32 -> 16"]
+
+
+# --- magika: a real ONNX file whose channels all meet LayerNorm, reshapes or the output -------------
+def test_magika_nothing_provably_safe():
+    model = slimgraph.load(str(zoo.magika_model_path()))
+    with pytest.raises(PassError) as info:
+        prune(model, ratio=0.3)
+    message = str(info.value)
+    assert "no channel group can be proved safe" in message
+    assert "reduction over the channel axis" in message  # the LayerNorm after the conv
+    assert "Reshape that is not a provable flatten" in message  # the dense layer's fold to 256
+    assert "graph output" in message
+
+
+# --- bad input -----------------------------------------------------------------------------------
+@pytest.mark.parametrize("ratio", [1.0, -0.1, 1.5])
+def test_ratio_outside_unit_interval(digits, ratio):
+    with pytest.raises(PipelineError, match="ratio"):
+        prune(digits, ratio=ratio)
+
+
+def test_layers_pattern_matching_nothing(digits):
+    with pytest.raises(PassError, match="'no_such_layer\\*' matches no node"):
+        prune(digits, layers=["no_such_layer*"])
+
+
+def test_latency_mode_without_its_module(digits, monkeypatch):
+    import slimgraph.passes.prune as package
+
+    monkeypatch.setitem(sys.modules, "slimgraph.passes.prune.latency", None)
+    monkeypatch.delattr(package, "latency", raising=False)
+    with pytest.raises(PassError, match="mode 'latency'"):
+        prune(digits, mode="latency")
+
+
+def test_latency_mode_uses_choose_keep(digits, monkeypatch):
+    seen = {}
+
+    def choose_keep(model, analysis, scores, config):
+        seen.update(scores=scores, config=config)
+        return {gid: 8 for gid in scores}
+
+    fake = types.ModuleType("slimgraph.passes.prune.latency")
+    fake.choose_keep = choose_keep
+    monkeypatch.setitem(sys.modules, "slimgraph.passes.prune.latency", fake)
+    import slimgraph.passes.prune as package
+
+    monkeypatch.setattr(package, "latency", fake, raising=False)
+    _, stats = prune(digits, mode="latency")
+    assert sorted(len(s) for s in seen["scores"].values()) == [16, 32, 32]
+    assert [r["out ch"] for r in stats["table"]][:3] == ["16 -> 8", "32 -> 8", "32 -> 8"]
+
+
+# --- torch architectures exported to ONNX ----------------------------------------------------------
+def images(size: int, n: int = 1) -> dict[str, np.ndarray]:
+    return {"x": np.random.default_rng(0).standard_normal((n, 3, size, size)).astype(np.float32)}
+
+
+def test_c2f_sppf_block_from_torch():
+    """Split, Concat, residual Add, SiLU and MaxPool from a real torch export (the
+    TorchScript exporter, with BN kept: 1 s here, where torch.export takes 14 s)."""
+    torch = pytest.importorskip("torch")
+    import io
+
+    import onnx
+    import torch_models
+
+    torch.manual_seed(0)
+    block = torch.nn.Sequential(torch_models.ConvBnSiLU(3, 32, 3, 2), torch_models.C2f(32, 32, 2),
+                                torch_models.SPPF(32, 32), torch.nn.Conv2d(32, 4, 1)).eval()
+    buffer = io.BytesIO()
+    torch.onnx.export(block, (torch.randn(1, 3, 32, 32),), buffer, dynamo=False, opset_version=17,
+                      input_names=["x"], training=torch.onnx.TrainingMode.PRESERVE)
+    model = slimgraph.load(onnx.load_from_string(buffer.getvalue()))
+    pruned, stats = prune(model, ratio=0.5)
+    ops = {n.op_type for n in pruned.graph}
+    assert {"Split", "Concat", "MaxPool", "Add"} <= ops
+    # stem, C2f: cv1 halves (2), bottlenecks (2 x 1 inner), cv2; SPPF: cv1, cv2 = 8 groups
+    assert stats["groups_pruned"] == 8 and stats["groups_unsafe"] == 2
+    out = ort.run(pruned, {model.graph.inputs[0].name: images(32)["x"]})
+    assert next(iter(out.values())).shape == (1, 4, 16, 16)
+    assert stats["macs_after"] < 0.35 * stats["macs_before"]
+
+
+def _latency_ratio(a, b, feeds) -> float:
+    stats = ort.bench({"float": a, "pruned": b}, feeds, runs=20, threads=2)
+    return stats["float"].ratio_to(stats["pruned"])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["resnet18", "mobilenet_v2"])
+@pytest.mark.parametrize("ratio", [0.3, 0.5])
+def test_classifiers(exported, name, ratio, capsys):
+    model = slimgraph.load(str(exported(name, 224)))
+    pruned, stats = prune(model, ratio=ratio)
+    feeds = {model.graph.inputs[0].name: images(224)["x"]}
+    out = ort.run(pruned, feeds)
+    assert next(iter(out.values())).shape == (1, 1000)
+    # every internal group is provable; only the image input and the logits are not
+    assert stats["groups_unsafe"] == 2 and stats["groups_pruned"] == stats["groups_safe"] >= 10
+    kept = stats["macs_after"] / stats["macs_before"]
+    assert (1 - ratio) ** 2 * 0.8 < kept < (1 - ratio) ** 2 * 1.25  # multiples of 8 move it a little
+    speedup = _latency_ratio(model, pruned, feeds)
+    with capsys.disabled():
+        print(f"\n{name} ratio {ratio}: MACs kept {kept:.3f}, params {stats['params_before']} -> "
+              f"{stats['params_after']}, ORT speedup {speedup:.2f}x")
+
+
+@pytest.mark.slow
+def test_yolo_like_macs_target(exported, capsys):
+    model = slimgraph.load(str(exported("yolo_like", 320)))
+    pruned, stats = prune(model, mode="macs", target_macs=0.5)
+    feeds = {model.graph.inputs[0].name: images(320)["x"]}
+    before, after = ort.run(model, feeds), ort.run(pruned, feeds)
+    assert {k: v.shape for k, v in before.items()} == {k: v.shape for k, v in after.items()}
+    # only the input and the six head convs feeding the three outputs are left whole
+    assert stats["groups_unsafe"] == 7
+    assert stats["macs_after"] == pytest.approx(0.5 * stats["macs_before"], rel=0.08)
+    speedup = _latency_ratio(model, pruned, feeds)
+    with capsys.disabled():
+        print(f"\nyolo_like macs 0.5: MACs {stats['macs_before']} -> {stats['macs_after']}, "
+              f"params {stats['params_before']} -> {stats['params_after']}, ORT speedup {speedup:.2f}x")
