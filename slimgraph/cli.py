@@ -265,6 +265,9 @@ def _prune_pipeline(args) -> str:
         raise DataError(f"--target-macs must be in [0, 1) (the fraction of MACs removed), got {args.target_macs}")
     if args.multiple < 1:
         raise DataError(f"--multiple must be at least 1, got {args.multiple}")
+    if args.criterion in ("apoz", "mean_activation") and not args.data and not (args.unstructured or args.n_m):
+        raise DataError(f"--criterion {args.criterion} scores channels by their activations: pass sample "
+                        "inputs with --data D.npz, or use l1, l2 or bn_scale")
     exclude = f"exclude={json.dumps(list(args.exclude))}" if args.exclude else ""
     if args.unstructured:
         return _join("cleanup", _call("prune.magnitude", f"sparsity={args.ratio}", exclude), "pack.sparse")
