@@ -5,9 +5,12 @@ bits packed little-endian into ceil(n / 8) uint8 bytes, and `values`, the k non-
 elements in order with the zero prepended, plus a decode subgraph of standard ops (opset
 >= 11) whose inputs are all initializers:
 
-    Cast(mask -> int32) -> Gather(bit table [256, 8]) -> Reshape([-1]) (-> Slice to n)
-    -> CumSum(axis 0)  [1..k at the set bits] -> Mul(bits)  [0 where the bit is clear]
-    -> Gather(values) -> Reshape(W's shape)  = W, under W's name
+    Cast(mask [nb, 1] -> int32) -> Div([1, 2, 4, ..., 128]) -> Mod(2)  [nb, 8] bits
+    -> Reshape([-1]) (-> Slice to n) -> CumSum(axis 0)  [1..k at the set bits]
+    -> Mul(bits)  [0 where the bit is clear] -> Gather(values) -> Reshape(W's shape) = W
+
+(arithmetic rather than BitShift/BitwiseAnd, which need opset 11/18 and a uint8 type ORT's
+CumSum lacks; rather than a [256, 8] lookup table, which costs 8 KB per model)
 
 ONNX Runtime's constant folding evaluates it at session creation, so the graph ORT runs
 is the dense model's (tests compare ORT's optimized graphs): the file is small, latency
@@ -44,7 +47,6 @@ KIND = "sparse"
 PACKABLE = {np.dtype(t) for t in (np.float32, np.float16, np.float64, np.int8, np.uint8)}
 #: the fixed bytes of a decode subgraph's small initializers (shape, slice bounds, axis)
 OVERHEAD = 64
-TABLE = "slimgraph_unpack_1bit"
 
 
 def background(array: np.ndarray) -> np.ndarray:
@@ -82,7 +84,7 @@ class _Builder:
     def __init__(self, model: Model):
         self.graph = model.graph
         self.nodes: list[ir.Node] = []
-        self._table: ir.Value | None = None
+        self._shared: dict[str, ir.Value] = {}
 
     def init(self, array: np.ndarray, name: str) -> ir.Value:
         base, i = name, 0
@@ -94,15 +96,11 @@ class _Builder:
         self.graph.register_initializer(v)
         return v
 
-    def table(self) -> ir.Value:
-        if self._table is None:
-            existing = self.graph.initializers.get(TABLE)
-            bits = ((np.arange(256, dtype=np.int32)[:, None] >> np.arange(8, dtype=np.int32)) & 1).astype(np.int32)
-            if existing is not None and existing.const_value is not None and np.array_equal(existing.const_value.numpy(), bits):
-                self._table = existing
-            else:
-                self._table = self.init(bits, TABLE)
-        return self._table
+    def constant(self, array: np.ndarray, name: str) -> ir.Value:
+        """A small constant shared by every decode subgraph of this run."""
+        if name not in self._shared:
+            self._shared[name] = self.init(array, name)
+        return self._shared[name]
 
     def node(self, op: str, inputs: list[ir.Value], target: str, out_name: str | None = None, **attrs) -> ir.Value:
         name = f"{target}/unpack_sparse/{op}_{len(self.nodes)}"
@@ -114,13 +112,14 @@ class _Builder:
 
     def decode(self, name: str, shape: tuple[int, ...], mask: np.ndarray, values: np.ndarray) -> ir.Value:
         n = int(np.prod(shape))
-        byte = self.node("Cast", [self.init(mask, f"{name}_mask")], name, to=int(ir.DataType.INT32))
-        bits = self.node("Gather", [self.table(), byte], name)
-        bits = self.node("Reshape", [bits, self.init(np.array([-1], np.int64), f"{name}_flat")], name)
+        byte = self.node("Cast", [self.init(mask.reshape(-1, 1), f"{name}_mask")], name, to=int(ir.DataType.INT32))
+        bits = self.node("Div", [byte, self.constant(1 << np.arange(8, dtype=np.int32), "slimgraph_unpack_bit_values")], name)
+        bits = self.node("Mod", [bits, self.constant(np.array(2, np.int32), "slimgraph_unpack_two")], name)
+        bits = self.node("Reshape", [bits, self.constant(np.array([-1], np.int64), "slimgraph_unpack_flat")], name)
         if mask.size * 8 != n:
             bits = self.node("Slice", [bits, self.init(np.array([0], np.int64), f"{name}_start"),
                                        self.init(np.array([n], np.int64), f"{name}_end")], name)
-        rank = self.node("CumSum", [bits, self.init(np.array(0, np.int64), f"{name}_axis")], name)
+        rank = self.node("CumSum", [bits, self.constant(np.array(0, np.int64), "slimgraph_unpack_axis")], name)
         index = self.node("Mul", [rank, bits], name)
         flat = self.node("Gather", [self.init(values, f"{name}_values"), index], name)
         return self.node("Reshape", [flat, self.init(np.array(shape, np.int64), f"{name}_shape")], name,
@@ -150,7 +149,7 @@ class PackSparse(Pass):
         for name, value in list(model.graph.initializers.items()):
             tensor = value.const_value
             if (tensor is None or value.is_graph_input() or value.is_graph_output() or not value.uses()
-                    or tensor.size < cfg.min_size or name == TABLE):
+                    or tensor.size < cfg.min_size):
                 continue
             if any(PACK_KEY in u.node.metadata_props for u in value.uses()):
                 continue  # already part of a decode subgraph

@@ -44,6 +44,8 @@ _OPS = {
     "Slice": lambda n, x, *a: _slice(x, *a),
     "CumSum": lambda n, x, axis: np.cumsum(x, axis=int(axis), dtype=x.dtype),
     "Mul": lambda n, a, b: a * b,
+    "Div": lambda n, a, b: a // b if a.dtype.kind in "iu" else a / b,
+    "Mod": lambda n, a, b: np.fmod(a, b) if n.attributes.get_int("fmod", 0) else np.mod(a, b),
     "Add": lambda n, a, b: a + b,
     "Transpose": lambda n, x: np.transpose(x, n.attributes.get_ints("perm", None)),
 }

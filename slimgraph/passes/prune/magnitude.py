@@ -55,7 +55,8 @@ class PruneMagnitude(Pass):
 
     name = "prune.magnitude"
     exact = False
-    after = ("fold_batchnorm", "fuse*")
+    # fusion may run before (magnitudes of the folded weights) or after (it keeps zeros: the
+    # contract checks it); quantized, clustered or packed weights are no longer float
     before = ("quantize.*", "cluster.*", "pack.*")
 
     class Config(PassConfig):

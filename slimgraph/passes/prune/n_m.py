@@ -48,7 +48,8 @@ class PruneNM(Pass):
 
     name = "prune.n_m"
     exact = False
-    after = ("fold_batchnorm", "fuse*", "prune.magnitude")
+    # fusion may run before (magnitudes of the folded weights) or after (it keeps zeros: the
+    # contract checks it); quantized, clustered or packed weights are no longer float
     before = ("quantize.*", "cluster.*", "pack.*")
 
     class Config(PassConfig):
