@@ -421,6 +421,10 @@ def keep_index(analysis: ChannelAnalysis, root: str, keep: dict[int, np.ndarray]
     return np.concatenate(parts) if parts else np.zeros(0, np.int64)
 
 
+def _touched(analysis: ChannelAnalysis, root: str, keep: dict[int, np.ndarray]) -> bool:
+    return any(analysis._group_of_leaf.get(leaf) in keep for leaf, _ in analysis._leaves[root])
+
+
 def _expand(index: np.ndarray, factor: int) -> np.ndarray:
     if factor == 1:
         return index
@@ -451,9 +455,9 @@ def apply(model: Model, analysis: ChannelAnalysis, keep: dict[int, np.ndarray]) 
             raise ValueError(f"group {gid}: keep indices must be distinct, non-empty and in [0, {g.size})")
     done: set[tuple[int, int]] = set()  # (tensor, axis): a weight is cut on its in and out axes
     for root, sp in analysis._spaces.items():
+        if not _touched(analysis, root, keep):
+            continue  # nothing of this space is cut (its size may not even be known)
         index = keep_index(analysis, root, keep)
-        if sp.size is not None and len(index) == sp.size:
-            continue
         for s in sp.slices:
             if (id(s.value), s.axis) in done:
                 continue
@@ -461,7 +465,8 @@ def apply(model: Model, analysis: ChannelAnalysis, keep: dict[int, np.ndarray]) 
             array = _constant(s.value)
             _set_constant(s.value, np.take(array, _expand(index, s.factor), axis=s.axis))
     for fix in analysis._fixups:
-        fix[0](analysis, keep, *fix[1:])
+        if any(_touched(analysis, root, keep) for root in fix[1]):
+            fix[0](analysis, keep, *fix[1:])
     _refresh_shapes(model)
 
 

@@ -326,3 +326,24 @@ def test_input_model_is_not_modified(rng, x):
     before = model.to_proto().SerializeToString()
     prune(model, ratio=0.5)
     assert model.to_proto().SerializeToString() == before
+
+
+def test_space_of_unknown_size_is_left_alone(rng):
+    """A MatMul reading a tensor whose channel count is symbolic: its input space is unsafe
+    (unknown size) and its weight's K axis must not be touched when another group is cut."""
+    dead = (1, 4, 9, 12, 13, 14, 2, 7)
+    model = build(HEAD + """
+        g (float[N, T, D] h, float[8,16] w1, float[16] b1, float[16,8] w2) => (float[N, T, 8] y) {
+            a = MatMul(h, w1)
+            b = Add(a, b1)
+            r = Relu(b)
+            y = MatMul(r, w2)
+        }""",
+        w1=dead_weight(rng, (8, 16), (), dead), b1=dead_vector(rng, 16, dead), w2=dead_weight(rng, (16, 8), dead),
+    )
+    a = groups_of(model)
+    assert [g.size for g in a.safe_groups()] == [16]
+    assert any("channel count unknown" in g.reason for g in a.groups)
+    pruned, _ = prune(model, ratio=0.5)
+    assert weight_shapes(pruned)["w1"] == (8, 8) and weight_shapes(pruned)["w2"] == (8, 8)
+    assert_same_outputs(model, pruned, {"h": rng.standard_normal((2, 5, 8)).astype(np.float32)})
