@@ -235,10 +235,51 @@ def slice_(b: _Builder, node: ir.Node) -> None:
     axes = [a % len(d) for a in (axes if axes is not None else range(len(starts)))]
     if info.axis in axes:
         i = axes.index(info.axis)
-        whole = starts[i] == 0 and ends[i] >= (d[info.axis] or 0) > 0 and (steps is None or steps[i] == 1)
+        size = d[info.axis]
+        whole = starts[i] == 0 and ends[i] >= (size or 0) > 0 and (steps is None or steps[i] == 1)
         if not whole:
-            return b.touch_unknown(node, "Slice along the channel axis")
+            return _slice_piece(b, node, info, i, size, starts, ends, steps)
     b.same(node, node.inputs[0], node.outputs[0])
+
+
+def _slice_piece(b: _Builder, node: ir.Node, info: _Info, i: int, size, starts, ends, steps) -> None:
+    """A Slice taking channels [start, end): a piece of its input's space (see
+    `channels._pieces_to_definition`); its bounds are rewritten after pruning."""
+    start, end = starts[i], ends[i]
+    if size is None or info.factor != 1 or (steps is not None and steps[i] != 1) or "starts" in node.attributes:
+        return b.touch_unknown(node, "Slice along the channel axis")
+    start, end = (x + size if x < 0 else x for x in (start, end))
+    start, end = max(0, min(start, size)), max(0, min(end, size))
+    out = b.new_space(node.outputs[0], info.axis)
+    b.space(info.key).pieces.append((start, end, out.key, node.name))
+    b.fixups.append((_fix_slice, [info.key, out.key], node, i))
+
+
+def _fix_slice(analysis, keep, roots, node: ir.Node, i: int) -> None:
+    whole, piece = roots
+    children = next(c for c, _ in analysis._spaces[whole].definitions if piece in c)
+    start = sum(len(keep_index(analysis, c, keep)) for c in children[:children.index(piece)])
+    end = start + len(keep_index(analysis, piece, keep))
+    for index, bound in ((1, start), (2, end)):
+        array = constant(node.inputs[index]).copy()
+        array.reshape(-1)[i] = bound
+        _replace_constant_input(node, index, array, ("starts", "ends")[index - 1])
+
+
+def _replace_constant_input(node: ir.Node, index: int, array: np.ndarray, what: str) -> None:
+    """Give `node` a new initializer as input `index` (the old one may be shared)."""
+    graph = node.graph
+    name, n = f"{node.name}_{what}_pruned", 0
+    while name in graph.initializers:
+        n += 1
+        name = f"{node.name}_{what}_pruned_{n}"
+    new = ir.Value(name=name, const_value=ir.tensor(array))
+    new.shape = ir.Shape(array.shape)
+    new.type = ir.TensorType(ir.DataType.INT64 if array.dtype == np.int64 else ir.DataType.INT32)
+    graph.register_initializer(new)
+    if len(node.inputs) <= index:
+        node.resize_inputs(index + 1)
+    node.replace_input_with(index, new)
 
 
 def reduce(b: _Builder, node: ir.Node) -> None:
@@ -381,20 +422,7 @@ def _fix_split(analysis, keep, roots, node: ir.Node) -> None:
         node.attributes["split"] = ir.AttrInt64s("split", [int(s) for s in sizes])
         return
     node.attributes.pop("num_outputs", None)
-    if len(node.inputs) > 1 and node.inputs[1] is not None:
-        value = node.inputs[1]
-        if len(value.uses()) == 1:
-            set_constant(value, sizes)
-            return
-    new = ir.Value(name=f"{node.name}_pruned_split", const_value=ir.tensor(sizes))
-    new.shape = ir.Shape(sizes.shape)
-    new.type = ir.TensorType(ir.DataType.INT64)
-    node.graph.register_initializer(new)
-    if len(node.inputs) > 1:
-        node.replace_input_with(1, new)
-    else:
-        node.resize_inputs(2)
-        node.replace_input_with(1, new)
+    _replace_constant_input(node, 1, sizes, "split")
 
 
 def shape(b: _Builder, node: ir.Node) -> None:

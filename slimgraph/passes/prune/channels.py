@@ -91,6 +91,8 @@ class _Space:
     slices: list[Slice] = dataclasses.field(default_factory=list)
     #: each a list of child spaces (keys) whose concatenation is this space
     definitions: list[tuple[list[str], str]] = dataclasses.field(default_factory=list)
+    #: (start, end, key, node name) of Slices cutting this space into pieces along its axis
+    pieces: list[tuple[int, int, str, str]] = dataclasses.field(default_factory=list)
 
 
 @dataclasses.dataclass
@@ -308,6 +310,9 @@ def _finish(model: Model, b: _Builder) -> ChannelAnalysis:
         m.reasons += sp.reasons
         m.slices += sp.slices
         m.definitions += [([b.uf[c] for c in children], why) for children, why in sp.definitions]
+        m.pieces += sp.pieces
+    for root, m in merged.items():
+        _pieces_to_definition(root, m, merged, b)
     # composite spaces: resolve each into (leaf, offset) segments
     leaves: dict[str, list[tuple[str, int]]] = {}
 
@@ -386,6 +391,24 @@ def _finish(model: Model, b: _Builder) -> ChannelAnalysis:
             root_out = b.uf[outs.key] if outs is not None else None
             spaces[b.names[node]] = (root_in, root_out, root_in is not None and root_in == root_out)
     return ChannelAnalysis(groups, layer_groups, merged, leaves, group_of_leaf, fixups, spaces)
+
+
+def _pieces_to_definition(root: str, sp: _Space, merged: dict[str, _Space], b: _Builder) -> None:
+    """Slices that tile a space exactly ([0, a), [a, b), ... [z, C)) define it as the
+    concatenation of their outputs; any other set of Slices makes every part unsafe."""
+    if not sp.pieces:
+        return
+    pieces = sorted((start, end, b.uf[key], node) for start, end, key, node in sp.pieces)
+    bounds = [(start, end) for start, end, _, _ in pieces]
+    tiled = sp.size is not None and bounds[0][0] == 0 and bounds[-1][1] == sp.size and all(
+        a[1] == c[0] for a, c in zip(bounds, bounds[1:]))
+    if tiled:
+        sp.definitions.append(([key for _, _, key, _ in pieces], "Slice"))
+        return
+    reason = f"Slices {sorted({node for *_, node in pieces})[:3]} do not tile the channels exactly"
+    sp.reasons.append(reason)
+    for _, _, key, _ in pieces:
+        merged[key].reasons.append(reason)
 
 
 def _layer_groups(b, groups, leaves, group_of_leaf) -> dict[str, tuple[int | None, int | None]]:

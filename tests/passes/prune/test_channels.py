@@ -347,3 +347,75 @@ def test_space_of_unknown_size_is_left_alone(rng):
     pruned, _ = prune(model, ratio=0.5)
     assert weight_shapes(pruned)["w1"] == (8, 8) and weight_shapes(pruned)["w2"] == (8, 8)
     assert_same_outputs(model, pruned, {"h": rng.standard_normal((2, 5, 8)).astype(np.float32)})
+
+
+def test_slices_into_pieces(rng, x):
+    """Two Slices tiling the channels [0, 4) and [4, 10) act like a Split."""
+    dead = (0, 3, 5, 8, 9)  # 2 of the first piece, 3 of the second
+    model = build(HEAD + """
+        g (float[1,4,8,8] x, float[10,4,1,1] w1, int64[1] s0, int64[1] e0, int64[1] s1, int64[1] e1, int64[1] ax,
+           float[3,4,1,1] wa, float[3,6,1,1] wb) => (float[1,3,8,8] y) {
+            a = Conv(x, w1)
+            p = Slice(a, s0, e0, ax)
+            q = Slice(a, s1, e1, ax)
+            u = Conv(p, wa)
+            v = Conv(q, wb)
+            y = Add(u, v)
+        }""",
+        w1=dead_weight(rng, (10, 4, 1, 1), dead), s0=np.array([0]), e0=np.array([4]), s1=np.array([4]),
+        e1=np.array([2**62]), ax=np.array([1]),
+        wa=dead_weight(rng, (3, 4, 1, 1), (), (0, 3)), wb=dead_weight(rng, (3, 6, 1, 1), (), (1, 4, 5)),
+    )
+    assert sorted(g.size for g in groups_of(model).safe_groups()) == [4, 6]
+    pruned, _ = prune(model, ratio=0.5)
+    assert_same_outputs(model, pruned, x)
+    bounds = [(int(n.inputs[1].const_value.numpy()[0]), int(n.inputs[2].const_value.numpy()[0]))
+              for n in pruned.graph if n.op_type == "Slice"]
+    assert bounds == [(0, 2), (2, 5)]
+
+
+def test_slice_dropping_channels_is_unsafe(rng):
+    model = build(HEAD + """
+        g (float[1,4,8,8] x, float[8,4,1,1] w1, int64[1] s0, int64[1] e0, int64[1] ax, float[3,4,1,1] wa)
+          => (float[1,3,8,8] y) {
+            a = Conv(x, w1)
+            p = Slice(a, s0, e0, ax)
+            y = Conv(p, wa)
+        }""",
+        w1=dead_weight(rng, (8, 4, 1, 1)), s0=np.array([0]), e0=np.array([4]), ax=np.array([1]),
+        wa=dead_weight(rng, (3, 4, 1, 1)),
+    )
+    a = groups_of(model)
+    assert not a.safe_groups()
+    assert any("do not tile the channels" in g.reason for g in a.groups)
+
+
+def test_pad_conv_transpose_gemm_matmul(rng, x):
+    """ConvTranspose (weight [C_in, C_out, k, k]: consumer axis 0, producer axis 1), a
+    spatial Pad, and Gemm without transB followed by a 2-D MatMul."""
+    d1, d2, d3 = (1, 2, 5, 6), (0, 4, 5), (0, 2, 5)
+    model = build(HEAD + """
+        g (float[1,4,8,8] x, float[8,4,1,1] w1, int64[8] pads, float[8,6,2,2] wt, float[6] bt,
+           float[6,8] wg, float[8] bg, float[8,3] wm) => (float[1,3] y) {
+            a = Conv(x, w1)
+            p = Pad(a, pads)
+            t = ConvTranspose<strides=[2,2]>(p, wt, bt)
+            r = Relu(t)
+            s = GlobalAveragePool(r)
+            f = Flatten(s)
+            h = Gemm(f, wg, bg)
+            hr = Relu(h)
+            y = MatMul(hr, wm)
+        }""",
+        w1=dead_weight(rng, (8, 4, 1, 1), d1), pads=np.array([0, 0, 1, 1, 0, 0, 1, 1]),
+        wt=dead_weight(rng, (8, 6, 2, 2), d1, d2), bt=dead_vector(rng, 6, d2),
+        wg=dead_weight(rng, (6, 8), d2, d3 + (7,)), bg=dead_vector(rng, 8, d3 + (7,)),
+        wm=dead_weight(rng, (8, 3), d3 + (7,)),
+    )
+    # Gemm's weight [K=6, N=8]: rows are its input channels, columns its outputs
+    wg = weight_shapes(model)["wg"]
+    assert wg == (6, 8)
+    pruned, _ = prune(model, ratio=0.5)
+    shapes = weight_shapes(pruned)
+    assert shapes["wt"] == (4, 3, 2, 2) and shapes["wg"] == (3, 4) and shapes["wm"] == (4, 3)
+    assert_same_outputs(model, pruned, x)
