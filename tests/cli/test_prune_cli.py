@@ -160,3 +160,43 @@ def test_help_explains_every_option_with_an_example(capsys):
                    "--exclude", "--data", "--report", "--verify"):
         assert option in text
     assert text.count("e.g.") >= 8 and "slimgraph prune model.onnx --ratio 0.5 -o" in text
+
+
+# --- unstructured, N:M and the recipes -----------------------------------------------------------
+def test_unstructured_makes_a_smaller_file_with_the_same_graph(digits, tmp_path, capsys):
+    path, test = digits
+    dense, sparse = tmp_path / "dense.onnx", tmp_path / "sparse.onnx"
+    assert run_cli(capsys, "run", path, "-p", "cleanup", "-o", dense, "-q")[0] == 0
+    code, _, _ = run_cli(capsys, "prune", path, "--unstructured", "--ratio", "0.8", "-o", sparse, "-q")
+    assert code == 0
+    assert sparse.stat().st_size < 0.6 * dense.stat().st_size  # small layers stay dense (min_size)
+    logits = ort.run(ort.session(slimgraph.load(sparse)), {"input": test["input"]})["logits"]
+    assert logits.shape == (len(test["labels"]), 10)
+
+
+def test_n_m_keeps_two_of_every_four(digits, tmp_path, capsys):
+    path, _ = digits
+    out = tmp_path / "nm.onnx"
+    code, _, _ = run_cli(capsys, "prune", path, "--n-m", "2:4", "-o", out, "-q")
+    assert code == 0
+    model = slimgraph.load(out)
+    conv = [n for n in model.graph if n.op_type == "Conv"][1]  # the first and last layers stay dense
+    w = conv.inputs[1].const_value.numpy()
+    groups = np.moveaxis(w, 1, -1).reshape(-1, 4)
+    assert (np.count_nonzero(groups, axis=1) <= 2).all()
+
+
+@pytest.mark.parametrize("recipe", ["prune-50", "sparse-80"])
+def test_recipes_are_listed_and_run_on_the_digits_cnn(digits, tmp_path, capsys, recipe):
+    import json
+
+    code, stdout, _ = run_cli(capsys, "passes", "--json")
+    assert code == 0 and json.loads(stdout)["recipes"][recipe]
+    path, test = digits
+    out = tmp_path / f"{recipe}.onnx"
+    assert run_cli(capsys, "run", path, "-p", recipe, "-o", out, "-q")[0] == 0
+    logits = ort.run(ort.session(slimgraph.load(out)), {"input": test["input"]})["logits"]
+    assert logits.shape == (len(test["labels"]), 10)
+    if recipe == "prune-50":
+        convs = [n for n in slimgraph.load(out).graph if n.op_type == "Conv"]
+        assert [c.inputs[1].const_value.numpy().shape[0] for c in convs] == [8, 16, 16]
