@@ -14,8 +14,9 @@ CumSum lacks; rather than a [256, 8] lookup table, which costs 8 KB per model)
 
 ONNX Runtime's constant folding evaluates it at session creation, so the graph ORT runs
 is the dense model's (tests compare ORT's optimized graphs): the file is small, latency
-and outputs are unchanged. Every decode node carries `metadata_props["slimgraph.pack"] =
-"sparse:<W>"`; `unpack` folds them back into a plain initializer.
+and outputs are unchanged. The last decode node carries `metadata_props["slimgraph.pack"]
+= "sparse:<W>"` (the others have short names `ps<i>`); `unpack` folds the subgraph back
+into a plain initializer.
 
 What is packed: every initializer read by a node (not a graph input or output) of at
 least `min_size` elements, of dtype float32 / float16 / float64 / int8 / uint8, whose
@@ -41,6 +42,7 @@ from slimgraph.errors import PassError
 from slimgraph.ir.model import Model
 from slimgraph.passes.base import Pass, PassConfig, PassResult, float_range, int_range, register_pass
 from slimgraph.passes.cluster._select import PACK_KEY
+from slimgraph.passes.pack.unpack import pack_nodes
 from slimgraph.passes.quantize._weights import _attr
 
 KIND = "sparse"
@@ -85,6 +87,8 @@ class _Builder:
         self.graph = model.graph
         self.nodes: list[ir.Node] = []
         self._shared: dict[str, ir.Value] = {}
+        self._taken: set[str] | None = None
+        self._count = 0
 
     def init(self, array: np.ndarray, name: str) -> ir.Value:
         base, i = name, 0
@@ -103,10 +107,18 @@ class _Builder:
         return self._shared[name]
 
     def node(self, op: str, inputs: list[ir.Value], target: str, out_name: str | None = None, **attrs) -> ir.Value:
-        name = f"{target}/unpack_sparse/{op}_{len(self.nodes)}"
-        node = ir.Node("", op, inputs, [_attr(k, v) for k, v in attrs.items()], name=name)
-        node.metadata_props[PACK_KEY] = f"{KIND}:{target}"
-        node.outputs[0].name = out_name or f"{name}:0"
+        """A decode node with a short name (names add up in small files); the last one, producing
+        the weight (`out_name`), carries the PACK_KEY mark `unpack` starts from."""
+        if self._taken is None:
+            self._taken = {n.name for n in self.graph} | {v.name for n in self.graph for v in n.outputs}
+        while f"ps{self._count}" in self._taken:
+            self._count += 1
+        short = f"ps{self._count}"
+        self._taken.add(short)
+        node = ir.Node("", op, inputs, [_attr(k, v) for k, v in attrs.items()], name=short)
+        if out_name is not None:
+            node.metadata_props[PACK_KEY] = f"{KIND}:{target}"
+        node.outputs[0].name = out_name or short
         self.nodes.append(node)
         return node.outputs[0]
 
@@ -145,13 +157,14 @@ class PackSparse(Pass):
             raise PassError(self.name, f"the decode subgraph needs opset >= 11 (CumSum), the model has "
                             f"{model.opset}; run upgrade_opset first")
         builder = _Builder(model)
+        decoders = {id(n) for n in pack_nodes(model)}
         table, before, after = [], 0, 0
         for name, value in list(model.graph.initializers.items()):
             tensor = value.const_value
             if (tensor is None or value.is_graph_input() or value.is_graph_output() or not value.uses()
                     or tensor.size < cfg.min_size):
                 continue
-            if any(PACK_KEY in u.node.metadata_props for u in value.uses()):
+            if any(id(u.node) in decoders for u in value.uses()):
                 continue  # already part of a decode subgraph
             array = tensor.numpy()
             if array.dtype not in PACKABLE or array.ndim == 0:

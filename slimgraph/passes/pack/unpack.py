@@ -1,9 +1,9 @@
 """unpack: fold the decode subgraphs of the `pack.*` passes back into plain initializers (exact).
 
 `pack.sparse` and `pack.clusters` store a weight compactly and rebuild it with a small
-subgraph of standard ops whose inputs are all initializers; every node of such a subgraph
-carries `metadata_props["slimgraph.pack"] = "<kind>:<tensor>"`. Only those nodes are
-touched (a decode-like subgraph without the mark, made by another tool, is left to
+subgraph of standard ops whose inputs are all initializers; the node producing the rebuilt
+tensor carries `metadata_props["slimgraph.pack"] = "<kind>:<tensor>"` and the subgraph is
+that node with every node it depends on. Only those nodes are touched (a decode-like subgraph without the mark, made by another tool, is left to
 `fold_constants`). They are evaluated here with numpy (`decode`: a tiny interpreter of
 the few ops the pack passes emit), each rebuilt tensor becomes an initializer with its
 name, and the decode nodes and the initializers only they read are removed, so later
@@ -52,7 +52,16 @@ _OPS = {
 
 
 def pack_nodes(model: Model) -> list[ir.Node]:
-    return [n for n in model.graph if PACK_KEY in n.metadata_props]
+    """Every node of every decode subgraph, in graph order: the marked nodes and their ancestors."""
+    found: set[int] = set()
+    stack = [n for n in model.graph if PACK_KEY in n.metadata_props]
+    while stack:
+        node = stack.pop()
+        if id(node) in found:
+            continue
+        found.add(id(node))
+        stack += [v.producer() for v in node.inputs if v is not None and v.producer() is not None]
+    return [n for n in model.graph if id(n) in found]
 
 
 def decode(model: Model) -> dict[str, np.ndarray]:
@@ -76,13 +85,7 @@ def decode(model: Model) -> dict[str, np.ndarray]:
         if fn is None:
             raise PassError("unpack", f"decode node {node.name!r}: op {node.op_type} is not one the pack passes emit")
         env[id(node.outputs[0])] = np.asarray(fn(node, *[a for a in args if a is not None]))
-    marked = {id(n) for n in nodes}
-    out = {}
-    for node in nodes:
-        value = node.outputs[0]
-        if value.is_graph_output() or any(id(u.node) not in marked for u in value.uses()):
-            out[value.name] = env[id(value)]
-    return out
+    return {n.outputs[0].name: env[id(n.outputs[0])] for n in nodes if PACK_KEY in n.metadata_props}
 
 
 @register_pass

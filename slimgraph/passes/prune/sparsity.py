@@ -169,11 +169,14 @@ def _nbits(node: ir.Node, reader: _Reader) -> View | None:
 
 def weight_views(model: Model) -> Iterator[View]:
     """Every compute op's weight as a non-zero mask (see module docstring); shared weights once."""
+    from slimgraph.passes.pack.unpack import pack_nodes
+
     reader = _Reader(model)
     seen: set[int] = set()
+    decoders = {id(n) for n in pack_nodes(model)}
     for node in model.graph:
         op = node.op_type
-        if PACK_KEY in node.metadata_props:
+        if id(node) in decoders:
             continue  # a decode subgraph's own Gathers read codebooks, not weights
         widx = {"MatMulNBits": 1, "DequantizeLinear": 0}.get(op, _LAYOUT.get(op, (None,))[0])
         if widx is None or len(node.inputs) <= widx or node.inputs[widx] is None or id(node.inputs[widx]) in seen:
