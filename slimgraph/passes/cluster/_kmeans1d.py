@@ -80,8 +80,10 @@ def _init(rows: np.ndarray, k: int, init: str, rng: np.random.Generator) -> np.n
 
 
 def fit(rows: np.ndarray, k: int, *, init: str = "kmeans++", rng: np.random.Generator | None = None,
-        iterations: int = 25, tol: float = 1e-7) -> tuple[np.ndarray, np.ndarray]:
-    """Cluster each row of `rows` [R, n] (float; NaN = skip) into `k` values.
+        iterations: int = 25, tol: float = 1e-7, weights: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Cluster each row of `rows` [R, n] (float; NaN = skip) into `k` values, minimising the
+    squared error weighted by `weights` (broadcastable to rows; e.g. the mean square of the
+    input each weight multiplies: errors on weights that see large inputs cost more).
 
     Returns (centroids [R, k] sorted ascending, float64; labels [R, n] int, -1 for NaN)."""
     if init not in INITS:
@@ -90,25 +92,27 @@ def fit(rows: np.ndarray, k: int, *, init: str = "kmeans++", rng: np.random.Gene
     rows = np.asarray(rows, dtype=np.float64)
     R, n = rows.shape
     centroids = np.sort(_init(rows, k, init, rng), axis=1)
+    w = np.ones_like(rows) if weights is None else np.broadcast_to(np.asarray(weights, np.float64), rows.shape)
     if n > SUBSAMPLE:  # Lloyd on a column subsample first, then a few passes over everything
         cols = np.sort(rng.choice(n, size=SUBSAMPLE, replace=False))
-        centroids = _lloyd(rows[:, cols], centroids, iterations, tol)
+        centroids = _lloyd(rows[:, cols], w[:, cols], centroids, iterations, tol)
         iterations = 3
-    centroids = _lloyd(rows, centroids, iterations, tol)
+    centroids = _lloyd(rows, w, centroids, iterations, tol)
     return centroids, assign(rows, centroids)
 
 
-def _lloyd(rows: np.ndarray, centroids: np.ndarray, iterations: int, tol: float) -> np.ndarray:
+def _lloyd(rows: np.ndarray, w: np.ndarray, centroids: np.ndarray, iterations: int, tol: float) -> np.ndarray:
     R, k = centroids.shape
     valid = ~np.isnan(rows)
     x = np.where(valid, rows, 0.0)
+    wx, w = (w * x).ravel(), w.ravel()
     offsets = (np.arange(R) * k)[:, None]
     for _ in range(iterations):
         labels = assign(rows, centroids)
         flat = np.where(valid, labels + offsets, R * k).ravel()
-        sums = np.bincount(flat, weights=x.ravel(), minlength=R * k + 1)[:-1].reshape(R, k)
-        counts = np.bincount(flat, minlength=R * k + 1)[:-1].reshape(R, k)
-        updated = np.where(counts > 0, sums / np.maximum(counts, 1), np.nan)
+        sums = np.bincount(flat, weights=wx, minlength=R * k + 1)[:-1].reshape(R, k)
+        counts = np.bincount(flat, weights=w, minlength=R * k + 1)[:-1].reshape(R, k)
+        updated = np.where(counts > 0, sums / np.where(counts > 0, counts, 1.0), np.nan)
         updated = _refill_empty(updated, rows, counts)
         updated = np.sort(updated, axis=1)
         shift = np.nanmax(np.abs(updated - centroids))

@@ -31,12 +31,31 @@ class Target:
     array: np.ndarray
     channel_axis: int
 
+    @property
+    def node(self) -> ir.Node:
+        return next(u.node for u in self.value.uses() if u.node.op_type == self.op)
+
+    @property
+    def input_axis(self) -> int | None:
+        """The weight axis that multiplies the layer input's channels (None: embeddings,
+        grouped convolutions, transposed activations)."""
+        node = self.node
+        if self.op == "Conv":
+            return 1 if node.attributes.get_int("group", 1) == 1 else None
+        if self.op == "Gemm":
+            return None if node.attributes.get_int("transA", 0) else (1 if node.attributes.get_int("transB", 0) else 0)
+        return self.array.ndim - 2 if self.op == "MatMul" else None
+
     def rows(self, granularity: str) -> np.ndarray:
         """[R, n] view for k-means: one row per output channel, or a single row."""
         if granularity == "tensor":
             return self.array.reshape(1, -1)
         moved = np.moveaxis(self.array, self.channel_axis, 0)
         return moved.reshape(moved.shape[0], -1)
+
+    def rows_of(self, array: np.ndarray, granularity: str) -> np.ndarray:
+        """`array` (shaped like the weight) laid out as `rows` lays out the weight."""
+        return dataclasses.replace(self, array=np.ascontiguousarray(array)).rows(granularity)
 
     def from_rows(self, rows: np.ndarray, granularity: str) -> np.ndarray:
         if granularity == "tensor":

@@ -24,7 +24,7 @@ from slimgraph.errors import PassError
 from slimgraph.ir.model import Model
 from slimgraph.passes import contracts
 from slimgraph.passes.base import Pass, PassConfig, PassContext, PassResult, choice, int_range, register_pass
-from slimgraph.passes.cluster import _kmeans1d
+from slimgraph.passes.cluster import _gptq, _kmeans1d
 from slimgraph.passes.cluster._select import Target, distinct_per_row, packed_shapes, select, set_weight
 
 CONTRACT = "clusters"
@@ -58,6 +58,13 @@ class ClusterKMeans(Pass):
         preserve_zeros: bool = True
         #: fnmatch patterns of node names, op types, torch module paths or weight names to leave alone
         exclude: tuple[str, ...] = ()
+        #: "activation": weight each element's error by the mean square of the input it
+        #: multiplies (needs --data); "auto": that when data is given, else "none"
+        weighting: str = choice("auto", "activation", "none", default="auto")
+        #: with data, round MatMul/Gemm weights onto their codebooks by GPTQ (output error)
+        gptq: bool = choice(True, False, default=True)
+        #: samples of the data used for the activation statistics
+        samples: int = int_range(1, 100_000, default=64, log=True)
 
     def run(self, model: Model, ctx: PassContext) -> PassResult:
         cfg = self.config
@@ -66,6 +73,7 @@ class ClusterKMeans(Pass):
         if not targets:
             return PassResult(model, False, {"layers": 0})
         rng = ctx.rng()
+        stats = self._statistics(model, ctx, targets)
         table, records = [], []
         total_before = total_after = 0
         for t in targets:
@@ -76,8 +84,19 @@ class ClusterKMeans(Pass):
             if granularity == "channel" and t.rows("channel").shape[1] < 2 * cfg.k:
                 granularity = "tensor"  # channels shorter than ~2K values: per-channel codebooks cost more than they save
             rows = t.rows(granularity)
-            clustered, k_used = self._cluster(rows, rng)
+            weights = self._element_weights(t, stats.get(t.value.name))
+            clustered, centroids = self._cluster(rows, rng, None if weights is None else t.rows_of(weights, granularity))
             new = t.from_rows(clustered, granularity)
+            hessian = stats.get(t.value.name)
+            method = "k-means"
+            if hessian is not None and hessian.ndim == 2 and granularity == "channel" and cfg.gptq:
+                # output-error rounding onto the same codebooks: w oriented [K, N] for x @ w
+                transposed = t.input_axis == 1  # Gemm transB: [N, K]
+                w = t.array.T if transposed else t.array
+                books = centroids if centroids.shape[0] == w.shape[1] else None
+                if books is not None:
+                    q = _gptq.gptq_codebook(w, hessian, books, keep_zeros=cfg.preserve_zeros)
+                    new, method = (q.T if transposed else q), "k-means + GPTQ"
             err = float(np.linalg.norm(new - t.array) / (np.linalg.norm(t.array) + 1e-30))
             set_weight(model, t, new)
             records.append({"id": t.value.name, "shape": list(new.shape), "k": cfg.k,
@@ -87,7 +106,8 @@ class ClusterKMeans(Pass):
             after = math.ceil(new.size * bits / 8) + rows.shape[0] * cfg.k * 4
             total_before, total_after = total_before + before, total_after + after
             table.append({"layer": t.layer, "op": t.op, "shape": "x".join(map(str, new.shape)),
-                          "K": k_used, "codebooks": f"{rows.shape[0]} ({granularity})", "bytes": f"{before} -> {after} (packed)",
+                          "K": cfg.k, "codebooks": f"{rows.shape[0]} ({granularity})", "method": method,
+                          "bytes": f"{before} -> {after} (packed)",
                           "rel. error": f"{err:.4f}"})
         for record in records:
             contracts.add(model, CONTRACT, record)
@@ -95,7 +115,55 @@ class ClusterKMeans(Pass):
                  "bytes_packed_estimate": f"{total_before} -> {total_after}", "table": table}
         return PassResult(model, True, stats)
 
-    def _cluster(self, rows: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, int]:
+    def _statistics(self, model: Model, ctx: PassContext, targets: list[Target]) -> dict[str, np.ndarray]:
+        """Per weight: H = E[x x^T] of the input of a 2-D MatMul/Gemm weight [K, K] (for GPTQ
+        and, by its diagonal, the weighting), or the mean square of each input channel of a
+        Conv [Cin]. None of it without data."""
+        cfg = self.config
+        if cfg.weighting == "none" or (cfg.weighting == "auto" and not ctx.data):
+            return {}
+        if not ctx.data:
+            raise PassError(self.name, "weighting: activation needs sample data (--data D.npz)")
+        from slimgraph import data as sg_data
+        from slimgraph.passes.quantize.observers import stream
+
+        wanted = {t.value.name: (t.node.inputs[0].name, t.input_axis) for t in targets if t.input_axis is not None}
+        inputs = {v.name for v in model.graph.inputs}
+        acts = sorted({a for a, _ in wanted.values()})
+        full = {a for name, (a, _) in wanted.items() if _is_matrix(targets, name)}
+        n = min(cfg.samples, min(len(v) for v in ctx.data.values()))
+        data = {k: np.asarray(v)[:n] for k, v in ctx.data.items() if k in sg_data.input_ranks(model)}
+        sums: dict[str, np.ndarray] = {}
+        counts: dict[str, int] = {}
+        for _, feeds, outputs in stream(model, data, [a for a in acts if a not in inputs], progress=ctx.progress,
+                                        description=f"{self.name}: input statistics of {len(acts)} layers",
+                                        where=self.name):
+            for name in acts:
+                x = outputs[name] if name in outputs else feeds.get(name)
+                if x is None:
+                    continue
+                axis = 1 if x.ndim == 4 else x.ndim - 1  # NCHW conv input / [..., K] matmul input
+                flat = np.moveaxis(x.astype(np.float64), axis, -1).reshape(-1, x.shape[axis])
+                stat = flat.T @ flat if name in full else (flat ** 2).sum(0)
+                sums[name] = sums.get(name, 0) + stat
+                counts[name] = counts.get(name, 0) + len(flat)
+        return {w: sums[a] / counts[a] for w, (a, _) in wanted.items() if a in sums}
+
+    def _element_weights(self, t: Target, stat: np.ndarray | None) -> np.ndarray | None:
+        """The input power of the channel each element multiplies, broadcast to the weight."""
+        if stat is None:
+            return None
+        ms = np.diag(stat) if stat.ndim == 2 else stat
+        axis = t.input_axis
+        if axis is None or ms.size != t.array.shape[axis]:
+            return None
+        shape = [1] * t.array.ndim
+        shape[axis] = ms.size
+        return np.broadcast_to((ms / (ms.mean() + 1e-30) + 1e-6).reshape(shape), t.array.shape)
+
+    def _cluster(self, rows: np.ndarray, rng: np.random.Generator,
+                 weights: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """(clustered rows, centroids [R, K or K-1]) for rows [R, n]."""
         cfg = self.config
         zeros = rows == 0
         keep_zero = cfg.preserve_zeros and zeros.any()
@@ -103,11 +171,16 @@ class ClusterKMeans(Pass):
         k = cfg.k - 1 if keep_zero else cfg.k
         if k < 1:
             raise PassError(self.name, "k=2 with preserve_zeros leaves one centroid for the non-zeros; use k >= 3")
-        centroids, labels = _kmeans1d.fit(data, k, init=cfg.init, rng=rng, iterations=cfg.iterations)
+        centroids, labels = _kmeans1d.fit(data, k, init=cfg.init, rng=rng, iterations=cfg.iterations, weights=weights)
         out = np.take_along_axis(centroids, np.maximum(labels, 0), axis=1)
         if keep_zero:
             out = np.where(labels < 0, 0.0, out)
-        return out.astype(rows.dtype), cfg.k
+        return out.astype(rows.dtype), centroids
+
+
+def _is_matrix(targets: list[Target], name: str) -> bool:
+    t = next(t for t in targets if t.value.name == name)
+    return t.op in ("MatMul", "Gemm") and t.array.ndim == 2
 
 
 @contracts.check_for(CONTRACT)

@@ -107,3 +107,25 @@ def test_digits_cnn_keeps_accuracy_at_k16_and_quantizes_on_top():
 def test_order_constraints_put_batchnorm_folding_first():
     with pytest.raises(PipelineError, match="fold_batchnorm"):
         slimgraph.run(zoo.digits_cnn(), "cluster.kmeans, fold_batchnorm")
+
+
+def test_gptq_onto_codebooks_lowers_output_error_on_the_data():
+    from slimgraph.passes.cluster._gptq import gptq_codebook
+
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((2048, 64)) @ rng.standard_normal((64, 64)) * np.linspace(0.1, 3, 64)  # correlated, uneven
+    w = rng.standard_normal((64, 32))
+    books, labels = _kmeans1d.fit(w.T, 8, rng=rng)
+    plain = np.take_along_axis(books, labels, 1).T
+    tuned = gptq_codebook(w, x.T @ x / len(x), books)
+    assert all(set(np.unique(tuned[:, j])) <= set(books[j]) for j in range(32))  # still on the codebooks
+    err = lambda q: np.linalg.norm(x @ (q - w)) / np.linalg.norm(x @ w)  # noqa: E731
+    assert err(tuned) < 0.98 * err(plain)  # 0.141 vs 0.149 here; on MiniLM cosine 0.973 -> 0.983
+
+
+def test_data_weighted_clustering_runs_on_the_digits_cnn():
+    test = zoo.digits_test_data()
+    result = slimgraph.run(zoo.digits_cnn(), "cleanup, fuse, cluster.kmeans(k=8, min_size=64)",
+                           data={"input": test["input"][:32]})
+    methods = {row["method"] for row in result.report.rows[-1].stats["table"]}
+    assert methods == {"k-means", "k-means + GPTQ"}  # convs weighted k-means, the Gemm GPTQ
