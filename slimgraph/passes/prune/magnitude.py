@@ -117,8 +117,10 @@ class PruneMagnitude(Pass):
 
     @staticmethod
     def _global(targets: list[_targets.Target], sparsity: float) -> dict[int, np.ndarray]:
-        scores = [np.abs(t.array.astype(np.float64)) / max(float(np.sqrt(np.mean(t.array.astype(np.float64) ** 2))), 1e-30)
-                  for t in targets]
+        def rms(a: np.ndarray) -> float:
+            return max(float(np.sqrt(np.mean(np.square(a, dtype=np.float64)))), 1e-30)
+
+        scores = [np.abs(t.array.astype(np.float64)) / rms(t.array) for t in targets]
         flat = np.concatenate([s.ravel() for s in scores])
         keep = prune_mask(flat, sparsity)
         out, start = {}, 0

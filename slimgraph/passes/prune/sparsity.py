@@ -113,10 +113,10 @@ def _quantized(node: ir.Node, reader: _Reader, widx: int, zidx: int | None, rule
     if w is None:
         return None
     zp = reader.array(node.inputs[zidx]) if zidx is not None and len(node.inputs) > zidx else None
-    w = w.astype(np.int64) if w.dtype.kind in "iub" or w.dtype.name.startswith(("int", "uint")) else w
+    w = w.astype(np.int64)
     if node.op_type == "GatherBlockQuantized":
         bs = node.attributes.get_int("block_size", 128)
-        default = 128 if node.inputs[0].dtype == ir.DataType.UINT8 else (8 if node.inputs[0].dtype == ir.DataType.UINT4 else 0)
+        default = {ir.DataType.UINT8: 128, ir.DataType.UINT4: 8}.get(node.inputs[widx].dtype, 0)
         z = default if zp is None else np.repeat(zp.astype(np.int64), bs, axis=-1)[..., :w.shape[-1]]
         return View(node.name, node.op_type, w != z, False)
     axis = _axis(rule, node, w.ndim)
@@ -136,14 +136,7 @@ def _dequantize(node: ir.Node, reader: _Reader) -> View | None:
         return None  # a bias, or an activation: not a weight
     axis = _axis(_LAYOUT[reader_op.op_type][2], reader_op, w.ndim)
     zp = reader.array(node.inputs[2]) if len(node.inputs) > 2 else None
-    z = np.asarray(0)
-    if zp is not None and zp.size > 1:
-        shape = [1] * w.ndim
-        shape[node.attributes.get_int("axis", 1) % w.ndim] = zp.size
-        z = zp.astype(np.int64).reshape(shape)
-    elif zp is not None:
-        z = zp.astype(np.int64).reshape(())
-    nonzero = w.astype(np.int64) != z
+    nonzero = w.astype(np.int64) != _zero_point(zp, w, node.attributes.get_int("axis", 1) % w.ndim)
     return View(node.name, "DequantizeLinear", _canonical(nonzero, axis), axis is not None)
 
 

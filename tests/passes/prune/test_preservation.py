@@ -108,3 +108,15 @@ def test_minilm_int8_dynamic_keeps_pruned_embeddings_and_linears():
     ops = {v.op for v in weight_views(out)}
     assert {"GatherBlockQuantized", "DynamicQuantizeMatMul"} <= ops or "MatMulIntegerToFloat" in ops
     assert count_zeros(out) >= before and contracts.check(out) == []
+
+
+@pytest.mark.parametrize("recipe", ["int4-weights", "int8-dynamic"])
+def test_weight_quantizers_keep_zeros_of_matmuls(recipe):
+    """MatMulNBits (4-bit codes, zero point 8 or packed) and DynamicQuantizeMatMul weights are
+    read at their zero points."""
+    pruned = slimgraph.run(mlp(), "prune.magnitude(sparsity=0.8, keep_first_last=false)").model
+    before = count_zeros(pruned)
+    out = slimgraph.run(pruned, recipe).model
+    ops = {v.op for v in weight_views(out)}
+    assert ops & {"MatMulNBits", "DynamicQuantizeMatMul", "MatMulIntegerToFloat"}, ops
+    assert count_zeros(out) >= before and contracts.check(out) == []
