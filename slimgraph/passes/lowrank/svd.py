@@ -13,7 +13,10 @@ given; larger than min(K, N) is an error naming the layer), `rank_ratio` (of the
 rank), `max_error` (the smallest r whose layer-output error ||XW - XW_r|| / ||XW|| on up to
 `samples` calibration inputs is at most the budget; a layer no rank below full meets stays
 dense and is named in a warning), else `energy` (the smallest r keeping that fraction of
-||W||_F^2). Chosen ranks are rounded up to a multiple of `multiple`.
+||W||_F^2). Chosen ranks are rounded up to a multiple of `multiple`. With `max_error` and
+`whiten` (default), linear and channel layers factor the weight whitened by their input
+statistics (`_factor`: the rank-r pair with the least output error on the data, not the
+least weight error).
 
 A factorization is kept only where it pays: `objective: size` when the pair stores at most
 `margin` of the dense weight's parameters, `objective: latency` when the pair alone runs
@@ -100,6 +103,8 @@ class LowRankSVD(Pass):
         margin: float = float_range(0.05, 1.0, default=0.8)
         #: calibration samples used by `max_error`
         samples: int = pydantic.Field(default=64, ge=1)
+        #: with `max_error`, minimise the output error on the data (whitened SVD), not the weight error
+        whiten: bool = choice(True, False, default=True)
         #: patterns of layers left alone (node, output, provenance or weight names)
         exclude: tuple[str, ...] = ()
 
@@ -119,9 +124,11 @@ class LowRankSVD(Pass):
         rows, unmet = [], []
         before = after = 0
         for c in candidates:
-            fact = Factorization.of(c.kind, c.weight)
-            row = {"layer": c.name, "op": f"{c.op} ({c.kind})", "shape": c.shape}
-            r, why, out_err = self._rank(c, fact, grams)
+            gram = grams.get(_gram_key(c))
+            whiten = gram is not None and cfg.whiten and c.kind != "spatial"
+            fact = Factorization.of(c.kind, c.weight, gram if whiten else None)
+            row = {"layer": c.name, "op": f"{c.op} ({c.kind}{', whitened' if whiten else ''})", "shape": c.shape}
+            r, why, out_err = self._rank(c, fact, gram)
             if why == "unmet":
                 unmet.append(c.name)
                 why = f"no rank below {fact.full_rank} meets max_error {cfg.max_error}"
@@ -129,9 +136,9 @@ class LowRankSVD(Pass):
                 why = self._not_worth_it(c, fact, r, shapes, model.opset)
             row.update({"rank": f"{r}/{fact.full_rank}",
                         "params": f"{fact.params_before} -> {fact.params_after(r) if why is None else fact.params_before}",
-                        "weight error": f"{fact.weight_error(r):.4f}"})
+                        "weight error": f"{fact.weight_error(r):.4g}"})
             if cfg.max_error is not None:
-                row["output error"] = "" if out_err is None else f"{out_err:.4f}"
+                row["output error"] = "" if out_err is None else f"{out_err:.4g}"
             before += fact.params_before
             if why is None:
                 self._rewrite(editor, c, fact, r)
@@ -205,10 +212,11 @@ class LowRankSVD(Pass):
         if not ctx.data:
             raise PassError(NAME, "max_error needs calibration data to measure layer outputs: "
                                   "pass data (--data D.npz), or choose ranks by energy or rank")
-        layers = [(c.node.inputs[0].name, c.geometry) for c in candidates]
+        layers = [_gram_key(c) for c in candidates]
         return input_grams(model, layers, ctx.data, self.config.samples, progress=ctx.progress)
 
-    def _rank(self, c: Candidate, fact: Factorization, grams: dict) -> tuple[int, str | None, float | None]:
+    def _rank(self, c: Candidate, fact: Factorization, gram: np.ndarray | None
+              ) -> tuple[int, str | None, float | None]:
         """(rank, why not factorized or None, its output error when measured)."""
         cfg, full = self.config, fact.full_rank
         if cfg.rank is not None:
@@ -220,7 +228,7 @@ class LowRankSVD(Pass):
         elif cfg.rank_ratio is not None:
             r = round_rank(math.ceil(cfg.rank_ratio * full), cfg.multiple, full)
         elif cfg.max_error is not None:
-            return self._rank_for_error(c, fact, grams[(c.node.inputs[0].name, c.geometry)])
+            return self._rank_for_error(c, fact, gram)
         else:
             r = round_rank(fact.energy_rank(cfg.energy), cfg.multiple, full)
         if r >= full:
@@ -289,6 +297,10 @@ class LowRankSVD(Pass):
         for node in nodes:
             editor.model.annotate(node, "lowrank.rank", r)
         editor.replace(c.nodes, c.output, nodes, nodes[-1].outputs[0])
+
+
+def _gram_key(c: Candidate) -> tuple[str, Geometry | None]:
+    return c.node.inputs[0].name, c.geometry
 
 
 def _present(values: list[ir.Value | None]) -> list[ir.Value]:

@@ -155,12 +155,34 @@ def test_max_error_budget_is_met_on_the_data_and_measured_correctly(conv):
     assert _relative_output_error(m, smaller, {"x": x}) > 0.2
 
 
+def test_whitened_svd_needs_a_smaller_rank_for_the_same_output_budget():
+    w = RNG.standard_normal((96, 64)).astype(np.float32)  # full rank, flat spectrum
+    m = _model([oh.make_node("MatMul", ["x", "w"], ["y"])], [("x", ["n", 96])], "y", {"w": w})
+    # inputs living mostly in a 16-dim subspace, as real activations do
+    x = (RNG.standard_normal((256, 16)) @ RNG.standard_normal((16, 96)) +
+         0.05 * RNG.standard_normal((256, 96))).astype(np.float32)
+    rank = {}
+    for whiten in (True, False):
+        out = slimgraph.run(m, f"lowrank.svd(max_error=0.1, whiten={str(whiten).lower()}, multiple=1, margin=1.0, "
+                               "samples=256)", data={"x": x})
+        row = _stats(out)["table"][0]
+        assert ("whitened" in row["op"]) == whiten
+        rank[whiten] = int(row["rank"].split("/")[0])
+    # the plain SVD needs so many more that it does not even pay (rank > 96 * 64 / 160)
+    assert rank[True] <= 20 and rank[False] > 38 and row["result"].startswith("not smaller")
+    out = slimgraph.run(m, "lowrank.svd(max_error=0.1, multiple=1, samples=256)", data={"x": x})
+    row = _stats(out)["table"][0]
+    measured = _relative_output_error(m, out.model, {"x": x})
+    assert row["result"] == "factorized" and measured <= 0.1
+    assert float(row["output error"]) == pytest.approx(measured, rel=1e-3)
+
+
 def test_max_error_no_rank_meets_leaves_the_layer_dense_with_a_warning(caplog):
     w = RNG.standard_normal((64, 48)).astype(np.float32)
     m = _model([oh.make_node("MatMul", ["x", "w"], ["y"], name="dense_one")], [("x", [4, 64])], "y", {"w": w})
-    x = RNG.standard_normal((32, 64)).astype(np.float32)
+    x = RNG.standard_normal((256, 64)).astype(np.float32)  # inputs spanning all 64 dims
     with caplog.at_level(logging.WARNING):
-        out = slimgraph.run(m, "lowrank.svd(max_error=0.001)", data={"x": x})
+        out = slimgraph.run(m, "lowrank.svd(max_error=0.001, samples=256)", data={"x": x})
     assert not out.report.rows[-1].modified
     assert _stats(out)["max_error_unmet"] == ["dense_one"]
     assert "dense_one" in caplog.text and "max_error" in caplog.text
@@ -168,7 +190,7 @@ def test_max_error_no_rank_meets_leaves_the_layer_dense_with_a_warning(caplog):
 
 def test_latency_objective_keeps_only_faster_pairs():
     big = _low_rank(384, 1536, 16)
-    m = _model([oh.make_node("MatMul", ["x", "w"], ["y"], name="wide")], [("x", ["batch", 128, 384])], "y",
+    m = _model([oh.make_node("MatMul", ["x", "w"], ["y"], name="wide")], [("x", ["batch", 32, 384])], "y",
                {"w": big})
     out = slimgraph.run(m, "lowrank.svd(rank=16, objective=latency)")
     assert _stats(out)["table"][0]["result"] == "factorized"  # 16 x (384 + 1536) vs 384 x 1536 MACs
