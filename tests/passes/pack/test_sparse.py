@@ -13,6 +13,7 @@ import slimgraph
 from slimgraph import zoo
 from slimgraph.backends import ort
 from slimgraph.errors import PassError, PipelineError
+from slimgraph.passes import contracts
 from slimgraph.passes.pack.sparse import PackSparse, packed_nbytes, rebuild, split
 from tests.helpers import ort_outputs
 from tests.passes.prune._graphs import mlp, weight
@@ -148,3 +149,13 @@ def test_minilm_sparse_80_with_embeddings(tmp_path):
     b = ort.run(ort.session(tmp_path / "packed.onnx"), feeds)[zoo.MINILM_OUTPUT]
     np.testing.assert_array_equal(a, b)
     assert optimized_ops(packed, tmp_path / "p.onnx") == optimized_ops(masked, tmp_path / "d.onnx")
+
+
+def test_sparse_80_recipe_on_digits(tmp_path):
+    model = slimgraph.load(zoo.digits_cnn())
+    result = slimgraph.run(model, "sparse-80")
+    names = [r.name for r in result.report.rows]
+    assert names[0] == "unpack" and names[-2:] == ["prune.magnitude", "pack.sparse"]
+    assert len(pack_nodes(result.model)) == 2  # the two inner convs; stem and classifier dense
+    again = slimgraph.load(slimgraph.save(result.model, tmp_path / "s.onnx"))
+    assert contracts.check(again) == []
