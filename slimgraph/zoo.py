@@ -294,9 +294,27 @@ def digits_data(test_fraction: float = 0.2, seed: int = DIGITS_SEED) -> Digits:
     return Digits(x_tr, y_tr, x_te, y_te)
 
 
-def _digits_paths(folder: Path) -> tuple[Path, Path, Path]:
-    stem = folder / f"digits_cnn-v{DIGITS_CNN_VERSION}"
+def _digits_paths(folder: Path, kind: str = "cnn") -> tuple[Path, Path, Path]:
+    stem = folder / f"digits_{kind}-v{DIGITS_CNN_VERSION}"
     return stem.with_suffix(".onnx"), stem.with_suffix(".npz"), stem.with_suffix(".json")
+
+
+def digits_mlp(cache_dir: str | os.PathLike | None = None) -> Path:
+    """Path of a LeNet-300-100-shaped MLP (64 -> 300 -> 100 -> 10, ReLU; input [N, 1, 8, 8]
+    flattened inside) trained on the same digits split as `digits_cnn`, cached the same way
+    (its test split is the same as `digits_test_data()`)."""
+    folder = cache_root(cache_dir)
+    onnx_path, _, info_path = _digits_paths(folder, "mlp")
+    if onnx_path.is_file() and info_path.is_file():
+        return onnx_path
+    folder.mkdir(parents=True, exist_ok=True)
+    digits_cnn(cache_dir)  # the shared test split
+    model, info = _train_digits_cnn(digits_data(), build=_digits_mlp_module)
+    _atomic_write(info_path, lambda f: f.write(json.dumps(info, indent=2).encode()))
+    from slimgraph.ir.io import save
+
+    save(model, onnx_path)
+    return onnx_path
 
 
 def digits_cnn(cache_dir: str | os.PathLike | None = None) -> Path:
@@ -362,7 +380,12 @@ def _digits_module(torch):
     return DigitsCNN()
 
 
-def _train_digits_cnn(data: Digits, epochs: int = 12, batch: int = 64):
+def _digits_mlp_module(torch):
+    nn = torch.nn
+    return nn.Sequential(nn.Flatten(), nn.Linear(64, 300), nn.ReLU(), nn.Linear(300, 100), nn.ReLU(), nn.Linear(100, 10))
+
+
+def _train_digits_cnn(data: Digits, epochs: int = 12, batch: int = 64, build=None):
     """Train the CNN with a fixed seed; returns (imported Model, info dict)."""
     try:
         import torch
@@ -374,16 +397,16 @@ def _train_digits_cnn(data: Digits, epochs: int = 12, batch: int = 64):
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # a model this small trains fastest, and reproducibly, on one thread
     try:
-        return _train_digits_cnn_torch(torch, data, epochs, batch)
+        return _train_digits_cnn_torch(torch, data, epochs, batch, build=build)
     finally:
         torch.set_num_threads(threads)
 
 
-def _train_digits_cnn_torch(torch, data: Digits, epochs: int, batch: int):
+def _train_digits_cnn_torch(torch, data: Digits, epochs: int, batch: int, build=None):
     from slimgraph.ir.torch_import import from_torch
 
     torch.manual_seed(DIGITS_SEED)
-    net = _digits_module(torch)
+    net = (build or _digits_module)(torch)
     x, y = torch.from_numpy(data.x_train), torch.from_numpy(data.y_train)
     opt = torch.optim.AdamW(net.parameters(), lr=3e-3, weight_decay=1e-4)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=1e-2, total_steps=epochs * -(-len(x) // batch))

@@ -203,8 +203,9 @@ def _clusters_hold(model: Model, record: dict) -> str | None:
                 return None
             fewest = worst if fewest is None else min(fewest, worst)
     if fewest is None:
-        if shape in packed_shapes(model):
-            return None  # stored packed: the pack passes are exact and run after every other pass
+        if any(len(p) == len(shape) and p[0] == shape[0] and all(a >= b for a, b in zip(p, shape))
+               for p in packed_shapes(model)):
+            return None  # stored packed (maybe channel-padded): the pack passes are exact and run last
         return f"no weight of shape {list(shape)} is left (was {record['id']!r})"
     return f"weight {record['id']!r} ({list(shape)}) now takes {fewest} values per channel, more than k={k}"
 
