@@ -14,7 +14,6 @@ from slimgraph.passes.prune.channels import (
     BINARY, POOLS, REDUCE, UNARY, _Builder, _dims, _Info, keep_index,
 )
 from slimgraph.passes.prune.channels import _constant as constant
-from slimgraph.passes.prune.channels import _set_constant as set_constant
 
 
 def _rank(value: ir.Value | None) -> int | None:
@@ -109,8 +108,10 @@ def matmul(b: _Builder, node: ir.Node) -> None:
     a, w = node.inputs
     weight = constant(w)
     rank_a = _rank(a)
+    if weight is None and constant(a) is None:
+        return _batched_matmul(b, node)
     if weight is None or weight.ndim != 2 or constant(a) is not None:
-        return b.touch_unknown(node, "MatMul of two activations (attention) or a non-2-D weight")
+        return b.touch_unknown(node, "MatMul with a constant first operand or a non-2-D weight")
     if rank_a is None or rank_a < 2:
         return b.touch_unknown(node, "MatMul input of unknown rank")
     ai = _need(b, node, a, rank_a - 1, factor_ok=True)
@@ -119,6 +120,25 @@ def matmul(b: _Builder, node: ir.Node) -> None:
     b.slice(ai, w, 0, node, "consumer", ai.factor)
     oi = b.new_space(node.outputs[0], rank_a - 1)
     b.slice(oi, w, 1, node, "producer")
+
+
+def _batched_matmul(b: _Builder, node: ir.Node) -> None:
+    """MatMul of two activations (attention): channels may only sit on a batch axis
+    (heads), the same one in both operands and the output."""
+    a, w = node.inputs
+    ia, iw, ro = b.get(a), b.get(w), _rank(node.outputs[0])
+    da, dw = _dims(a), _dims(w)
+    if ia is None or iw is None or ro is None or da is None or dw is None:
+        return b.touch_unknown(node, "MatMul of two activations of unknown shape")
+    aligned = set()
+    for info, dims in ((ia, da), (iw, dw)):
+        if info.axis is None or info.axis >= len(dims) - 2 or info.factor != 1:
+            return b.touch_unknown(node, "MatMul of two activations over their channel axis")
+        aligned.add(info.axis - len(dims) + ro)
+    if len(aligned) != 1 or da[ia.axis] != dw[iw.axis]:
+        return b.touch_unknown(node, "MatMul of two activations with channels on different axes")
+    b.join(ia.key, iw.key)
+    b.info[node.outputs[0].name] = _Info(ia.key, aligned.pop())
 
 
 # --- pass-through ops -----------------------------------------------------------------------------
@@ -257,7 +277,7 @@ def _slice_piece(b: _Builder, node: ir.Node, info: _Info, i: int, size, starts, 
 
 def _fix_slice(analysis, keep, roots, node: ir.Node, i: int) -> None:
     whole, piece = roots
-    children = next(c for c, _ in analysis._spaces[whole].definitions if piece in c)
+    children = next(c for c, _, _ in analysis._spaces[whole].definitions if piece in c)
     start = sum(len(keep_index(analysis, c, keep)) for c in children[:children.index(piece)])
     end = start + len(keep_index(analysis, piece, keep))
     for index, bound in ((1, start), (2, end)):
@@ -344,38 +364,67 @@ def flatten(b: _Builder, node: ir.Node) -> None:
 
 
 def reshape(b: _Builder, node: ir.Node) -> None:
-    """Only a flatten [N, C, ...] -> [N, C*rest] whose target is a constant, or a
-    Concat(batch, constant): the constant is rewritten after pruning."""
-    data, shape = node.inputs[0], node.inputs[1]
-    info, d = b.get(data), _dims(data)
-    target, index = constant(shape), 1
-    holder = shape
-    if target is None and shape.producer() is not None and shape.producer().op_type == "Concat":
-        parts = shape.producer().inputs
-        if len(parts) == 2 and constant(parts[1]) is not None and constant(parts[1]).size == 1:
-            holder, target, index = parts[1], constant(parts[1]), 0
-            first = _dims(parts[0])
-            if first != (1,):
-                target = None
-    ok = (info is not None and info.axis == 1 and d is not None and len(d) >= 2 and None not in d[1:]
-          and target is not None and _rank(node.outputs[0]) == 2 and len(holder.uses()) == 1)
-    if ok:
-        rest = int(np.prod(d[2:], dtype=np.int64))
-        flat = d[1] * rest
-        width = int(target.reshape(-1)[index])
-        ok = width in (flat, -1) and (index == 0 or int(target.reshape(-1)[0]) != -1 or width == flat)
-    if not ok:
+    """Two provable reshapes of the channel axis `a` (dims before it kept, after it static):
+
+    1. merge: [.., C, r1, .., rk, ..] -> [.., C*r, ..] (a flatten, or attention heads
+       folded back): channel c owns entries [c*r, (c+1)*r) of the merged axis;
+    2. split: [.., H*D, ..] -> [.., H, D, ..] (attention heads): the H axis is a new space,
+       and the input's channels are its heads, D channels each.
+
+    The target's entry for the channel axis is -1 or the channel count (rewritten after
+    pruning); it is a constant or a 1-element constant piece of a Concat."""
+    data, out = node.inputs[0], node.outputs[0]
+    info, d, o = b.get(data), _dims(data), _dims(out)
+    if info is None or info.axis is None or d is None or o is None or len(o) == len(d):
         return b.touch_unknown(node, "Reshape that is not a provable flatten")
-    b.info[node.outputs[0].name] = _Info(info.key, 1, info.factor * rest)
-    if width != -1:
-        b.fixups.append((_fix_reshape, [info.key], holder, index, info.factor * rest))
+    a = info.axis
+    kept_before = len(o) > a and all(x == y for x, y in zip(d[:a], o[:a]))
+    if len(o) < len(d):  # merge
+        k = len(d) - len(o)
+        rest = d[a + 1:a + k + 1]
+        ok = kept_before and None not in rest and d[a] is not None and tuple(o[a + 1:]) == tuple(d[a + k + 1:])
+        per_channel = info.factor * int(np.prod(rest, dtype=np.int64)) if ok else 0
+        ok = ok and o[a] == d[a] * int(np.prod(rest, dtype=np.int64))
+        entry = _target_entry(node, a, len(o)) if ok else None
+        if entry is None or entry[3] not in (-1, o[a]):
+            return b.touch_unknown(node, "Reshape that is not a provable flatten")
+        b.info[out.name] = _Info(info.key, a, per_channel)
+        if entry[3] != -1:
+            b.fixups.append((_fix_target, [info.key], *entry[:3], per_channel))
+        return
+    heads, size = o[a], o[a + 1] if len(o) > a + 1 else None  # split
+    ok = (len(o) == len(d) + 1 and kept_before and info.factor == 1 and None not in (heads, size, d[a])
+          and heads * size == d[a] and tuple(o[a + 2:]) == tuple(d[a + 1:]))
+    entry = _target_entry(node, a, len(o)) if ok else None
+    second = _target_entry(node, a + 1, len(o)) if ok else None
+    if entry is None or second is None or entry[3] not in (-1, heads) or second[3] != size:
+        return b.touch_unknown(node, "Reshape that is not a provable flatten or head split")
+    hi = b.new_space(out, a)
+    b.space(info.key).definitions.append(([hi.key], f"heads of {node.name}", size))
+    if entry[3] != -1:
+        b.fixups.append((_fix_target, [hi.key], *entry[:3], 1))
 
 
-def _fix_reshape(analysis, keep, roots, holder: ir.Value, index: int, per_channel: int) -> None:
-    array = constant(holder).copy()
-    flat = array.reshape(-1)
-    flat[index] = len(keep_index(analysis, roots[0], keep)) * per_channel
-    set_constant(holder, flat.reshape(array.shape))
+def _target_entry(node: ir.Node, position: int, rank: int) -> tuple[ir.Node, int, int, int] | None:
+    """Where a Reshape's target entry `position` is held: (reader node, its input index,
+    element index, value) for a constant target, or a 1-element constant Concat piece."""
+    shape = node.inputs[1]
+    target = constant(shape)
+    if target is not None:
+        return (node, 1, position, int(target.reshape(-1)[position])) if target.size == rank else None
+    concat = shape.producer()
+    if concat is None or concat.op_type != "Concat" or len(concat.inputs) != rank:
+        return None
+    if any(_dims(v) != (1,) for v in concat.inputs):
+        return None
+    piece = constant(concat.inputs[position])
+    return None if piece is None else (concat, position, 0, int(piece.reshape(-1)[0]))
+
+
+def _fix_target(analysis, keep, roots, reader: ir.Node, index: int, element: int, per_channel: int) -> None:
+    array = constant(reader.inputs[index]).copy()
+    array.reshape(-1)[element] = len(keep_index(analysis, roots[0], keep)) * per_channel
+    _replace_constant_input(reader, index, array, "shape")
 
 
 def concat(b: _Builder, node: ir.Node) -> None:
@@ -396,7 +445,7 @@ def concat(b: _Builder, node: ir.Node) -> None:
                 b.unsafe(i.key, f"Concat {node.name!r} mixes it with non-channel operands")
             return
         keys.append(i.key)
-    b.space(oi.key).definitions.append((keys, node.name))
+    b.space(oi.key).definitions.append((keys, node.name, 1))
 
 
 def split(b: _Builder, node: ir.Node) -> None:
@@ -412,7 +461,7 @@ def split(b: _Builder, node: ir.Node) -> None:
     if info.factor != 1:
         return b.touch_unknown(node, "Split of flattened channels")
     keys = [b.new_space(o, axis).key for o in node.outputs]
-    b.space(info.key).definitions.append((keys, node.name))
+    b.space(info.key).definitions.append((keys, node.name, 1))
     b.fixups.append((_fix_split, keys, node))
 
 

@@ -89,8 +89,9 @@ class _Space:
     size: int | None = None
     reasons: list[str] = dataclasses.field(default_factory=list)
     slices: list[Slice] = dataclasses.field(default_factory=list)
-    #: each a list of child spaces (keys) whose concatenation is this space
-    definitions: list[tuple[list[str], str]] = dataclasses.field(default_factory=list)
+    #: (child spaces, why, unit): this space is the concatenation of the children, each
+    #: child channel standing for `unit` consecutive channels here (attention heads)
+    definitions: list[tuple[list[str], str, int]] = dataclasses.field(default_factory=list)
     #: (start, end, key, node name) of Slices cutting this space into pieces along its axis
     pieces: list[tuple[int, int, str, str]] = dataclasses.field(default_factory=list)
 
@@ -109,15 +110,19 @@ class Group:
     slices: list[tuple[Slice, int]] = dataclasses.field(repr=False, default_factory=list)
     #: (name, channel axis, factor) of activation values whose channels are this group's
     values: list[tuple[str, int, int]] = dataclasses.field(repr=False, default_factory=list)
+    #: the fewest entries a channel of the group owns in any of its tensors: 1, or the head
+    #: size for attention heads
+    unit: int = 1
+    units: list[int] = dataclasses.field(repr=False, default_factory=list)
 
     def weight_rows(self) -> Iterator[tuple[Slice, np.ndarray]]:
         """Each weight slice of the group as a [size, -1] matrix: row c holds every entry
         of channel c in that tensor."""
-        for s, offset in self.slices:
-            array = _constant(s.value)
-            moved = np.moveaxis(array, s.axis, 0)
-            rows = moved.reshape(moved.shape[0] // s.factor, -1) if s.factor > 1 else moved.reshape(moved.shape[0], -1)
-            yield s, np.asarray(rows[offset:offset + self.size], dtype=np.float64)
+        for (s, offset), unit in zip(self.slices, self.units or [1] * len(self.slices)):
+            moved = np.moveaxis(_constant(s.value), s.axis, 0)
+            # group channel j owns entries [(offset + j*unit) * factor, (offset + (j+1)*unit) * factor)
+            part = moved[offset * s.factor:(offset + self.size * unit) * s.factor]
+            yield s, np.asarray(part.reshape(self.size, -1), dtype=np.float64)
 
 
 @dataclasses.dataclass
@@ -134,6 +139,8 @@ class ChannelAnalysis:
     _fixups: list[tuple] = dataclasses.field(repr=False, default_factory=list)
     #: weight node -> (input space, output space, depthwise?) for MAC estimates
     layer_spaces: dict[str, tuple[str | None, str | None, bool]] = dataclasses.field(repr=False, default_factory=dict)
+    #: the unit of each segment of `_leaves[root]` (1 but for attention heads)
+    _units: dict[str, list[int]] = dataclasses.field(repr=False, default_factory=dict)
 
     def safe_groups(self) -> list[Group]:
         return [g for g in self.groups if g.safe]
@@ -309,57 +316,59 @@ def _finish(model: Model, b: _Builder) -> ChannelAnalysis:
                 m.reasons.append(f"channel counts disagree ({m.size} vs {sp.size})")
         m.reasons += sp.reasons
         m.slices += sp.slices
-        m.definitions += [([b.uf[c] for c in children], why) for children, why in sp.definitions]
+        m.definitions += [([b.uf[c] for c in children], why, unit) for children, why, unit in sp.definitions]
         m.pieces += sp.pieces
     for root, m in merged.items():
         _pieces_to_definition(root, m, merged, b)
-    # composite spaces: resolve each into (leaf, offset) segments
-    leaves: dict[str, list[tuple[str, int]]] = {}
+    # composite spaces: resolve each into (leaf, offset, unit) segments
+    segments: dict[str, list[tuple[str, int, int]]] = {}
 
     values_of: dict[str, list[tuple[str, int, int]]] = {}
     for name, info in b.info.items():
         if info.axis is not None:
             values_of.setdefault(b.uf[info.key], []).append((name, info.axis, info.factor))
 
-    def resolve(root: str, depth: int = 0) -> list[tuple[str, int]]:
-        if root in leaves:
-            return leaves[root]
+    def resolve(root: str, depth: int = 0) -> list[tuple[str, int, int]]:
+        if root in segments:
+            return segments[root]
         sp = merged[root]
         if not sp.definitions or depth > 64:
-            leaves[root] = [(root, 0)]
-            return leaves[root]
+            segments[root] = [(root, 0, 1)]
+            return segments[root]
         options = []
-        for children, _ in sp.definitions:
+        for children, _, unit in sp.definitions:
             segs, offset = [], 0
             for c in children:
-                for leaf, off in resolve(c, depth + 1):
-                    segs.append((leaf, offset + off))
-                offset += merged[c].size or 0
+                for leaf, off, u in resolve(c, depth + 1):
+                    segs.append((leaf, offset + off * unit, u * unit))
+                offset += (merged[c].size or 0) * unit
             options.append(segs)
         first = options[0]
         if any(o != first for o in options[1:]):
             sp.reasons.append("channels are split two incompatible ways")
             for o in options:
-                for leaf, _ in o:
+                for leaf, _, _ in o:
                     merged[leaf].reasons.append("part of a space split two incompatible ways")
-        leaves[root] = first
+        segments[root] = first
         return first
 
     for root in merged:
         resolve(root)
     # a composite's size is the sum of its segments
-    for root, segs in leaves.items():
-        if segs != [(root, 0)]:
-            total = sum(merged[leaf].size or 0 for leaf, _ in segs)
+    for root, segs in segments.items():
+        if segs != [(root, 0, 1)]:
+            total = sum((merged[leaf].size or 0) * u for leaf, _, u in segs)
             if merged[root].size is not None and merged[root].size != total:
                 merged[root].reasons.append(f"concatenated sizes {total} != {merged[root].size}")
     # attach every slice and reason to the leaves it covers
-    leaf_slices: dict[str, list[tuple[Slice, int]]] = {}
+    leaf_slices: dict[str, list[tuple[Slice, int, int]]] = {}
     leaf_reasons: dict[str, list[str]] = {}
     for root, sp in merged.items():
-        for leaf, off in leaves[root]:
-            leaf_slices.setdefault(leaf, []).extend((s, off) for s in sp.slices)
+        for leaf, off, unit in segments[root]:
+            leaf_slices.setdefault(leaf, []).extend((s, off, unit) for s in sp.slices)
             leaf_reasons.setdefault(leaf, []).extend(sp.reasons)
+    leaves = {root: [(leaf, off) for leaf, off, _ in segs] for root, segs in segments.items()}
+    units = {root: [u for _, _, u in segs] for root, segs in segments.items()}
     groups: list[Group] = []
     group_of_leaf: dict[str, int] = {}
     leaf_roots = sorted({leaf for segs in leaves.values() for leaf, _ in segs}, key=lambda k: int(k[1:]))
@@ -369,8 +378,8 @@ def _finish(model: Model, b: _Builder) -> ChannelAnalysis:
         if not slices and not values_of.get(leaf):
             continue  # shape tensors and other values without a channel axis
         reasons = list(dict.fromkeys(leaf_reasons.get(leaf, [])))
-        producers = list(dict.fromkeys(s.node for s, _ in slices if s.role == "producer"))
-        consumers = list(dict.fromkeys(s.node for s, _ in slices if s.role == "consumer"))
+        producers = list(dict.fromkeys(s.node for s, _, _ in slices if s.role == "producer"))
+        consumers = list(dict.fromkeys(s.node for s, _, _ in slices if s.role == "consumer"))
         if sp.size is None:
             reasons.append("channel count unknown (no static shape)")
         elif not producers:
@@ -379,7 +388,8 @@ def _finish(model: Model, b: _Builder) -> ChannelAnalysis:
         group_of_leaf[leaf] = gid
         groups.append(Group(
             gid, sp.size or 0, not reasons, "; ".join(reasons[:3]), producers, consumers,
-            slices, values_of.get(leaf, []),
+            [(s, off) for s, off, _ in slices], values_of.get(leaf, []),
+            unit=min((u * s.factor for s, _, u in slices), default=1), units=[u for _, _, u in slices],
         ))
     layer_groups = _layer_groups(b, groups, leaves, group_of_leaf)
     fixups = [(f[0], [b.uf[k] for k in f[1]], *f[2:]) for f in b.fixups]
@@ -390,7 +400,7 @@ def _finish(model: Model, b: _Builder) -> ChannelAnalysis:
             root_in = b.uf[ins.key] if ins is not None else None
             root_out = b.uf[outs.key] if outs is not None else None
             spaces[b.names[node]] = (root_in, root_out, root_in is not None and root_in == root_out)
-    return ChannelAnalysis(groups, layer_groups, merged, leaves, group_of_leaf, fixups, spaces)
+    return ChannelAnalysis(groups, layer_groups, merged, leaves, group_of_leaf, fixups, spaces, units)
 
 
 def _pieces_to_definition(root: str, sp: _Space, merged: dict[str, _Space], b: _Builder) -> None:
@@ -403,7 +413,7 @@ def _pieces_to_definition(root: str, sp: _Space, merged: dict[str, _Space], b: _
     tiled = sp.size is not None and bounds[0][0] == 0 and bounds[-1][1] == sp.size and all(
         a[1] == c[0] for a, c in zip(bounds, bounds[1:]))
     if tiled:
-        sp.definitions.append(([key for _, _, key, _ in pieces], "Slice"))
+        sp.definitions.append(([key for _, _, key, _ in pieces], "Slice", 1))
         return
     reason = f"Slices {sorted({node for *_, node in pieces})[:3]} do not tile the channels exactly"
     sp.reasons.append(reason)
@@ -433,14 +443,15 @@ def _layer_groups(b, groups, leaves, group_of_leaf) -> dict[str, tuple[int | Non
 def keep_index(analysis: ChannelAnalysis, root: str, keep: dict[int, np.ndarray]) -> np.ndarray:
     """Kept channel indices of a (possibly composite) space, in its own numbering."""
     parts = []
-    for leaf, offset in analysis._leaves[root]:
+    units = analysis._units.get(root) or [1] * len(analysis._leaves[root])
+    for (leaf, offset), unit in zip(analysis._leaves[root], units):
         if leaf not in analysis._group_of_leaf:
-            parts.append(np.arange(analysis._spaces[leaf].size or 0) + offset)
+            parts.append(np.arange((analysis._spaces[leaf].size or 0) * unit) + offset)
             continue
         g = analysis.groups[analysis._group_of_leaf[leaf]]
         k = keep.get(g.id)
         idx = np.arange(g.size) if k is None or not g.safe else np.sort(np.asarray(k, dtype=np.int64))
-        parts.append(idx + offset)
+        parts.append(_expand(idx, unit) + offset)
     return np.concatenate(parts) if parts else np.zeros(0, np.int64)
 
 
@@ -509,12 +520,13 @@ def space_size(analysis: ChannelAnalysis, root: str | None, counts: dict[int, in
     if root is None or root not in analysis._leaves:
         return None
     kept = total = 0
-    for leaf, _ in analysis._leaves[root]:
+    units = analysis._units.get(root) or [1] * len(analysis._leaves[root])
+    for (leaf, _), unit in zip(analysis._leaves[root], units):
         if leaf not in analysis._group_of_leaf:
             return None
         g = analysis.groups[analysis._group_of_leaf[leaf]]
-        total += g.size
-        kept += counts.get(g.id, g.size) if g.safe else g.size
+        total += g.size * unit
+        kept += (counts.get(g.id, g.size) if g.safe else g.size) * unit
     return kept, total
 
 

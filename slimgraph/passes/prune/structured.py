@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import fnmatch
 import logging
+import math
 
 import numpy as np
 import onnx
@@ -142,8 +143,10 @@ class PruneStructured(Pass):
         return out
 
     # -- how many channels ----------------------------------------------------------------------
-    def _round(self, kept: float, size: int) -> int:
-        m = self.config.multiple
+    def _round(self, kept: float, size: int, unit: int = 1) -> int:
+        # a group of attention heads of `unit` channels each rounds heads to what makes
+        # whole multiples of channels
+        m = self.config.multiple // math.gcd(self.config.multiple, unit)
         k = max(int(round(kept)), 1)
         if m > 1:
             k = max(m, int(round(k / m)) * m)
@@ -153,7 +156,7 @@ class PruneStructured(Pass):
     def _counts(self, model, analysis, groups, scores, macs) -> dict[int, int]:
         cfg = self.config
         if cfg.mode == "uniform":
-            return {g.id: self._round(g.size * (1 - cfg.ratio), g.size) for g in groups}
+            return {g.id: self._round(g.size * (1 - cfg.ratio), g.size, g.unit) for g in groups}
         if cfg.mode == "latency":
             try:
                 from slimgraph.passes.prune import latency
@@ -168,7 +171,7 @@ class PruneStructured(Pass):
             out = {}
             for g in groups:
                 above = int(np.sum(normed[g.id] >= threshold))
-                out[g.id] = self._round(max(above, cfg.min_keep * g.size), g.size)
+                out[g.id] = self._round(max(above, cfg.min_keep * g.size), g.size, g.unit)
             return out
 
         if cfg.mode == "global":

@@ -419,3 +419,62 @@ def test_pad_conv_transpose_gemm_matmul(rng, x):
     shapes = weight_shapes(pruned)
     assert shapes["wt"] == (4, 3, 2, 2) and shapes["wg"] == (3, 4) and shapes["wm"] == (4, 3)
     assert_same_outputs(model, pruned, x)
+
+
+def test_attention_heads(rng):
+    """Q, K, V projections reshaped into 4 heads of 4, attention, heads folded back into
+    the output projection: whole heads are pruned. Heads 1 and 3 have zero Q/K/V columns
+    and zero output-projection rows, so removing them is exact."""
+    dead = [h * 4 + i for h in (1, 3) for i in range(4)]
+    model = build(HEAD + """
+        g (float[1,5,16] x, float[16,16] wq, float[16] bq, float[16,16] wk, float[16,16] wv, float[16] bv,
+           int64[4] split_heads, int64[3] merge_heads, float[] scale, float[16,16] wo) => (float[1,5,16] y) {
+            q0 = MatMul(x, wq)
+            q1 = Add(q0, bq)
+            q2 = Reshape(q1, split_heads)
+            q = Transpose<perm=[0,2,1,3]>(q2)
+            k0 = MatMul(x, wk)
+            k1 = Reshape(k0, split_heads)
+            kt = Transpose<perm=[0,2,3,1]>(k1)
+            v0 = MatMul(x, wv)
+            v1 = Add(v0, bv)
+            v2 = Reshape(v1, split_heads)
+            v = Transpose<perm=[0,2,1,3]>(v2)
+            s0 = MatMul(q, kt)
+            s1 = Mul(s0, scale)
+            p = Softmax<axis=-1>(s1)
+            o0 = MatMul(p, v)
+            o1 = Transpose<perm=[0,2,1,3]>(o0)
+            o2 = Reshape(o1, merge_heads)
+            y = MatMul(o2, wo)
+        }""",
+        wq=dead_weight(rng, (16, 16), (), dead), bq=dead_vector(rng, 16, dead), wk=dead_weight(rng, (16, 16), (), dead),
+        wv=dead_weight(rng, (16, 16), (), dead), bv=dead_vector(rng, 16, dead),
+        split_heads=np.array([0, 0, -1, 4]), merge_heads=np.array([0, 0, 16]), scale=np.array(0.5, np.float32),
+        wo=dead_weight(rng, (16, 16), dead),
+    )
+    heads = [g for g in groups_of(model).safe_groups()]
+    assert [(g.size, g.unit, len(g.producers), g.consumers) for g in heads] == [(4, 4, 3, ["MatMul_17"])]
+    pruned, stats = prune(model, ratio=0.5, multiple=8)  # heads of 4 channels: 2 heads = 8 channels
+    shapes = weight_shapes(pruned)
+    assert shapes["wq"] == shapes["wk"] == shapes["wv"] == (16, 8) and shapes["wo"] == (8, 16)
+    merge = next(n for n in pruned.graph if n.op_type == "Reshape" and n.inputs[0].name == "o1")
+    assert merge.inputs[1].const_value.numpy().tolist() == [0, 0, 8]
+    assert_same_outputs(model, pruned, {"x": rng.standard_normal((1, 5, 16)).astype(np.float32)})
+
+
+def test_attention_over_channels_is_unsafe(rng):
+    """Q K^T contracting over the projected channels (no head reshape) is not a batch axis."""
+    model = build(HEAD + """
+        g (float[1,5,16] x, float[16,8] wq, float[16,8] wk, float[5,16] wo) => (float[1,5,16] y) {
+            q = MatMul(x, wq)
+            k = MatMul(x, wk)
+            kt = Transpose<perm=[0,2,1]>(k)
+            s = MatMul(q, kt)
+            y = MatMul(s, wo)
+        }""",
+        wq=dead_weight(rng, (16, 8)), wk=dead_weight(rng, (16, 8)), wo=dead_weight(rng, (5, 16)),
+    )
+    a = groups_of(model)
+    assert not a.safe_groups()
+    assert any("MatMul of two activations over their channel axis" in g.reason for g in a.groups)
