@@ -45,6 +45,7 @@ def test_inspect_json_has_the_documented_keys(model_path, capsys):
     for key in ("opset", "inputs", "outputs", "nodes", "op_counts", "params", "bytes", "macs"):
         assert key in info
     assert info["opset"] == 15 and info["op_counts"]["MatMul"] == 1 and info["macs"] == 12
+    assert 0 < info["file_zipped_bytes"] and info["file_bytes"] > 0  # raw and zipped, side by side
 
 
 def test_passes_lists_registered_passes_and_recipes(capsys):
