@@ -10,18 +10,25 @@ for NCHW and [N, C] tensors, the last axis for MatMul activations). Ops couple s
    input and output spaces and slices weight axis 0 and bias (its `group` follows);
 3. pass-through ops keep the channel index: BatchNormalization (slices its four
    parameters), unary elementwise ops, pools, Resize with scale 1 on N and C, Pad, Slice,
-   Reduce*, Squeeze/Unsqueeze and Softmax that leave the channel axis alone;
+   Reduce*, Squeeze/Unsqueeze and Softmax that leave the channel axis alone; Transpose
+   moves the channel axis;
 4. binary elementwise ops join the spaces of their activation operands (residual Add,
    SiLU, squeeze-excite gates); a constant operand broadcast along the channels is sliced,
    a scalar (or size-1) one is left alone;
 5. Concat along the channel axis: the output space is the concatenation of the inputs'
-   (a composite); Split along it: the input space is the concatenation of the outputs';
+   (a composite); Split along it, or Slices that tile it: the input space is the
+   concatenation of the outputs';
 6. Flatten, or a Reshape provably equal to it ([N, C, ...] -> [N, C*H*W]): channel c owns
-   entries [c*HW, (c+1)*HW) of the flattened axis (a `factor` of HW).
+   entries [c*HW, (c+1)*HW) of the flattened axis (a `factor` of HW);
+7. attention heads: a Reshape splitting the channels into [H, D] makes the projection's
+   space a composite of H heads of D channels (a `unit` of D); a MatMul of two activations
+   joins the head axes of its operands (a batch axis of both); the Reshape folding the
+   heads back gives the output projection's input a factor of D.
 
-Anything else that touches a channel axis (graph inputs and outputs, Transpose, a
-reduction or Softmax over channels, attention MatMuls, unknown ops, shapes that cannot be
-inferred, shared weights) makes the space *unsafe*, with a reason. Decisions are taken per
+Anything else that touches a channel axis (graph inputs and outputs, a reduction or
+Softmax over channels, a MatMul of two activations over their channels, unknown ops and
+ops with subgraphs, shapes that cannot be inferred, shared weights) makes the space
+*unsafe*, with a reason. Decisions are taken per
 leaf space (a `Group`); composite spaces map them through their segments' offsets. A group
 is prunable only when it is safe and at least one producer's weight defines it.
 
@@ -55,8 +62,7 @@ POOLS = frozenset({"MaxPool", "AveragePool", "GlobalAveragePool", "GlobalMaxPool
                    "GlobalLpPool"})
 REDUCE = frozenset({"ReduceMean", "ReduceSum", "ReduceMax", "ReduceMin", "ReduceProd",
                     "ReduceL1", "ReduceL2", "ReduceSumSquare", "ReduceLogSumExp"})
-#: ops whose outputs carry no channel dimension of their inputs and read no channel data
-#: that a pruning decision could change the meaning of (their outputs are plain constants)
+#: ops that read nothing (their outputs are constants)
 CONSTANT_OPS = frozenset({"Constant"})
 WEIGHT_OPS = frozenset({"Conv", "ConvTranspose", "Gemm", "MatMul"})
 
@@ -261,7 +267,7 @@ def analyze(model: Model) -> ChannelAnalysis:
             continue
         for sub in node.attributes.values():
             if sub.type in (ir.AttributeType.GRAPH, ir.AttributeType.GRAPHS):
-                b.touch_unknown(node, "op with a subgraph")
+                _touch_subgraphs(b, node)
                 break
         else:
             if node.inputs and all(v is None or _constant(v) is not None for v in node.inputs):
@@ -276,6 +282,22 @@ def analyze(model: Model) -> ChannelAnalysis:
             b.unsafe(info.key, f"graph output {v.name!r}")
     _check_weight_sharing(b)
     return _finish(model, b)
+
+
+def _touch_subgraphs(b: _Builder, node: ir.Node) -> None:
+    """An op with subgraphs (If, Loop, Scan) is not understood: its inputs, the outer
+    values its subgraphs read, and its outputs are unsafe."""
+    b.touch_unknown(node, "op with a subgraph")
+    reason = f"read inside the subgraph of {node.op_type} {node.name!r}"
+    for attr in node.attributes.values():
+        if attr.type not in (ir.AttributeType.GRAPH, ir.AttributeType.GRAPHS):
+            continue
+        for graph in [attr.value] if attr.type == ir.AttributeType.GRAPH else attr.value:
+            for inner in ir.traversal.RecursiveGraphIterator(graph):
+                for v in inner.inputs:
+                    info = b.get(v)
+                    if info is not None:
+                        b.unsafe(info.key, reason)
 
 
 def _check_weight_sharing(b: _Builder) -> None:

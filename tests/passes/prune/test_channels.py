@@ -478,3 +478,19 @@ def test_attention_over_channels_is_unsafe(rng):
     a = groups_of(model)
     assert not a.safe_groups()
     assert any("MatMul of two activations over their channel axis" in g.reason for g in a.groups)
+
+
+def test_channels_read_inside_a_subgraph_are_unsafe(rng):
+    model = build(HEAD + """
+        g (float[1,4,8,8] x, bool cond, float[8,4,1,1] w1, float[3,8,1,1] w2) => (float[1,3,8,8] y) {
+            a = Conv(x, w1)
+            r = Relu(a)
+            z = If(cond) <then_branch = g1 () => (float[1,8,8,8] t) { t = Identity(r) },
+                          else_branch = g2 () => (float[1,8,8,8] e) { e = Neg(r) }>
+            y = Conv(z, w2)
+        }""",
+        w1=dead_weight(rng, (8, 4, 1, 1)), w2=dead_weight(rng, (3, 8, 1, 1)),
+    )
+    a = groups_of(model)
+    assert not a.safe_groups()
+    assert any("read inside the subgraph of If" in g.reason for g in a.groups)
