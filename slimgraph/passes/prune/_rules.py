@@ -171,6 +171,19 @@ def instance_norm(b: _Builder, node: ir.Node) -> None:
         b.slice(xi, v, 0, node, "param")
 
 
+def layer_norm(b: _Builder, node: ir.Node) -> None:
+    """Normalises over axes [axis, rank): a pass-through when the channel axis is before
+    them (its scale and bias then do not index channels)."""
+    info, r = b.get(node.inputs[0]), _rank(node.inputs[0])
+    if info is None or info.axis is None or r is None:
+        return b.touch_unknown(node)
+    if info.axis >= node.attributes.get_int("axis", -1) % r:
+        return b.touch_unknown(node, "normalisation over the channel axis")
+    b.same(node, node.inputs[0], node.outputs[0])
+    for v in node.outputs[1:]:
+        b.new_space(v, None, f"statistics output of {node.name!r}")
+
+
 def pool(b: _Builder, node: ir.Node) -> None:
     if _need(b, node, node.inputs[0], 1) is None:
         return b.touch_unknown(node)
@@ -492,6 +505,7 @@ def unknown(b: _Builder, node: ir.Node) -> None:
 RULES = {
     "Conv": conv, "ConvTranspose": conv_transpose, "Gemm": gemm, "MatMul": matmul,
     "BatchNormalization": batch_norm, "InstanceNormalization": instance_norm,
+    "LayerNormalization": layer_norm,
     "Resize": resize, "Upsample": resize, "Pad": pad, "Slice": slice_,
     "Squeeze": squeeze, "Unsqueeze": unsqueeze, "Transpose": transpose,
     "Softmax": softmax, "LogSoftmax": softmax, "Flatten": flatten, "Reshape": reshape,

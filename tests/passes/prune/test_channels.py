@@ -169,20 +169,25 @@ def test_concat(rng, x):
     assert weight_shapes(pruned)["wc"] == (5, 5, 1, 1)
 
 
-def test_split(rng, x):
+@pytest.mark.parametrize("opset, split", [
+    (17, "Split<axis=1>(t, sizes)"),  # sizes as an input
+    (18, "Split<axis=1, num_outputs=2>(t)"),  # equal parts: becomes an explicit sizes input
+])
+def test_split(rng, x, opset, split):
     dead = (1, 2, 4, 7)  # two in each half
-    model = build(HEAD + """
-        g (float[1,4,8,8] x, float[8,4,1,1] w1, int64[2] sizes, float[3,4,1,1] wa, float[3,4,1,1] wb)
-          => (float[1,3,8,8] y) {
+    sizes = ", int64[2] sizes" if opset == 17 else ""
+    model = build(HEAD.replace("17", str(opset)) + f"""
+        g (float[1,4,8,8] x, float[8,4,1,1] w1{sizes}, float[3,4,1,1] wa, float[3,4,1,1] wb)
+          => (float[1,3,8,8] y) {{
             a = Conv(x, w1)
             s = Sigmoid(a)
             t = Mul(a, s)
-            p, q = Split<axis=1>(t, sizes)
+            p, q = {split}
             u = Conv(p, wa)
             v = Conv(q, wb)
             y = Add(u, v)
-        }""",
-        w1=dead_weight(rng, (8, 4, 1, 1), dead), sizes=np.array([4, 4], np.int64),
+        }}""",
+        w1=dead_weight(rng, (8, 4, 1, 1), dead), **({"sizes": np.array([4, 4], np.int64)} if sizes else {}),
         wa=dead_weight(rng, (3, 4, 1, 1), (), (1, 2)), wb=dead_weight(rng, (3, 4, 1, 1), (), (0, 3)),
     )
     safe = groups_of(model).safe_groups()
@@ -494,3 +499,23 @@ def test_channels_read_inside_a_subgraph_are_unsafe(rng):
     a = groups_of(model)
     assert not a.safe_groups()
     assert any("read inside the subgraph of If" in g.reason for g in a.groups)
+
+
+def test_layer_norm_over_other_axes_passes_channels(rng, x):
+    """LayerNormalization over H, W of an NCHW tensor normalises each channel alone; over
+    the channels it mixes them (unsafe)."""
+    dead = (0, 5, 6, 7)
+    text = HEAD + """
+        g (float[1,4,8,8] x, float[8,4,1,1] w1, float[8,8] ln_scale, float[3,8,1,1] w2) => (float[1,3,8,8] y) {
+            a = Conv(x, w1)
+            n = LayerNormalization<axis=AXIS>(a, ln_scale)
+            y = Conv(n, w2)
+        }"""
+    weights = dict(w1=dead_weight(rng, (8, 4, 1, 1), dead), ln_scale=dead_vector(rng, 64, (), 0.5, 1.5).reshape(8, 8),
+                   w2=dead_weight(rng, (3, 8, 1, 1), (), dead))
+    model = build(text.replace("AXIS", "2"), **weights)
+    pruned, _ = prune(model, ratio=0.5)
+    assert_same_outputs(model, pruned, x)
+    over_channels = build(text.replace("AXIS", "1").replace("float[8,8] ln_scale", "float[8,8,8] ln_scale"),
+                          **{**weights, "ln_scale": np.ones((8, 8, 8), np.float32)})
+    assert not groups_of(over_channels).safe_groups()
