@@ -16,11 +16,14 @@ layer with the same MACs. So the counts are chosen by measured time:
    Starting from every group whole, a greedy repeatedly takes one `multiple`-step off the
    group with the most predicted time saved per unit of importance lost (scores normalised
    to a mean of 1 per group; the lowest-scoring channels go first), never below the
-   group's floor (`min_keep`, `min_channels`, one `multiple`), until the prediction is at
-   most `1 - target` of the dense one. The target: `config.target_latency` when the config
-   has it; else `target_macs` when set explicitly; else the MAC cut that uniform pruning at
-   `ratio` would give (so `ratio=0.3, mode=latency` aims at the same speed-up as the MACs
-   a uniform 30% cut removes).
+   group's floor (`min_keep`, `min_channels`, one `multiple`), until the prediction is
+   down by `target` of its reducible part: goal = floor + (1 - target) * (dense - floor),
+   where floor is the prediction with every group at its floor (a layer's fixed overhead
+   cannot be pruned away; on a model of tiny layers an absolute goal would drive every
+   group to its floor). The target: `config.target_latency` when the config has it; else
+   `target_macs` when set explicitly; else the MAC cut that uniform pruning at `ratio`
+   would give (so `ratio=0.3, mode=latency` aims at the speed-up that the MACs a uniform
+   30% cut removes would promise).
 """
 
 from __future__ import annotations
@@ -398,7 +401,10 @@ def _greedy(model, analysis, scores, config, table) -> dict[int, int]:
     dense = sum(current.values())
     if dense <= 0 or not group_ids:
         return counts
-    goal = dense * (1.0 - latency_target(model, analysis, group_ids, config))
+    # what no pruning can remove: every group at its floor (small layers are mostly overhead)
+    floor = sum(_layer_latency(table, analysis, layer, floors) for layer in layers)
+    target = latency_target(model, analysis, group_ids, config)
+    goal = floor + (1.0 - target) * max(dense - floor, 0.0)
     total = dense
     while total > goal:
         best, best_value, best_times = None, -np.inf, None
@@ -413,16 +419,13 @@ def _greedy(model, analysis, scores, config, table) -> dict[int, int]:
             value = saved / max(lost, 1e-9)
             if value > best_value:
                 best, best_value, best_times = gid, value, times
-        if best is None:
-            logger.warning("prune.structured (latency): predicted latency %.3f ms is still above the goal "
-                           "%.3f ms with every group at its floor (min_keep, min_channels, multiple)",
-                           total, goal)
+        if best is None:  # every group at its floor: total == floor <= goal, so only by rounding
             break
         counts[best] = _step_down(counts[best], multiple)
         current.update(best_times)
         total = sum(current.values())
-    logger.info("prune.structured (latency): predicted %.3f ms of %.3f ms dense (goal %.3f); %d shapes measured",
-                total, dense, goal, table.measured)
+    logger.info("prune.structured (latency): predicted %.3f ms of %.3f ms dense (floor %.3f, goal %.3f); "
+                "%d shapes measured", total, dense, floor, goal, table.measured)
     return counts
 
 

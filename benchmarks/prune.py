@@ -1,0 +1,517 @@
+"""Structured pruning side by side: Torch-Pruning 1.6 and slimgraph's `prune.structured`,
+on the same torch models and ratios, in one run, on one machine.
+
+Models:
+- ResNet-18 and MobileNetV2 shapes (`torch_models`, random weights with non-trivial
+  BatchNorm statistics, 224x224), at ratios 0.3 and 0.5;
+- the digits CNN (the architecture of `zoo.digits_cnn`, trained here with its seed and
+  recipe, so both tools start from the same trained weights): test top-1 after pruning,
+  without fine-tuning;
+- the YOLO-style detector `torch_models.yolo_like()` (residuals, Split/Concat, SiLU,
+  Upsample, three detection heads as outputs; 320x320) and magika (ONNX only): slimgraph
+  with `mode: macs` at MAC targets 0.3 and 0.5; Torch-Pruning on the detector too, with its
+  three head output convs ignored (magika has no torch module).
+
+Variants of a model (each a row):
+- Torch-Pruning: `tp.pruner.MetaPruner` with `tp.importance.MagnitudeImportance(p=1)`,
+  `pruning_ratio=r`, per layer (`global_pruning=False`), the final Linear ignored; the
+  pruned module exported exactly like the float model (opset 17, TorchScript exporter,
+  BatchNormalization kept);
+- slimgraph uniform: `prune.structured(ratio=r, criterion=l1, mode=uniform, multiple=8)`
+  run on the float model's ONNX (`cleanup,fuse,<pass>,cleanup`);
+- slimgraph macs: `mode=macs` with `target_macs` = Torch-Pruning's MAC cut at r;
+- slimgraph latency: `mode=latency` with the same target, i.e. the predicted latency (from
+  the cached per-layer ORT latency table, `slimgraph.passes.prune.latency`) cut by that
+  fraction;
+- slimgraph macs @ latency's MACs: `mode=macs` at the MAC cut the latency mode reached, so
+  latency-aware and MAC-driven pruning are compared at equal MACs.
+Every exported model (float and Torch-Pruning's) goes through slimgraph's exact
+`cleanup,fuse` before it is measured and timed, so BatchNorm is folded everywhere and
+parameter counts compare like for like (ORT folds it at load anyway).
+
+Columns: MACs and parameters as % of the dense model (slimgraph's counters for every
+tool), file MB, ORT CPU speed-up vs dense (2 threads, batch 1, spinning off, every variant of
+a model interleaved round-robin in one `ort.bench` call with a dense-vs-dense control row;
+speed-up = 1 / the median over rounds of time / dense time in the same round,
+`BenchStats.ratio_to`), validity (ORT loads and runs it, outputs finite and of the dense
+shapes).
+
+Targets (issue 4): at each ratio, slimgraph's MAC and parameter reduction >= Torch-Pruning's
+and ORT speed-up >= 1.8x at 0.3 and >= 3.6x at 0.5 (ResNet-18 and MobileNetV2); the
+latency-aware mode at least as fast as MAC-driven pruning at equal MACs. Exit status 1 when
+a target is missed; tables to benchmarks/results/prune.md, the MACs-vs-latency plot to
+prune.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import dataclasses
+import logging
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import common
+import numpy as np
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+import slimgraph  # noqa: E402
+from slimgraph import zoo  # noqa: E402
+from slimgraph.backends import ort  # noqa: E402
+from slimgraph.errors import SlimgraphError  # noqa: E402
+
+WORK = common.CACHE / "prune"
+RATIOS = (0.3, 0.5)
+TARGET_SPEEDUP = {0.3: 1.8, 0.5: 3.6}
+DENSE, CONTROL = "dense", "dense (control)"
+TP, UNIFORM, MACS, LATENCY, MACS_EQ = ("Torch-Pruning", "slimgraph uniform", "slimgraph macs",
+                                       "slimgraph latency", "slimgraph macs @ latency's MACs")
+TOOLS = (TP, UNIFORM, MACS, LATENCY, MACS_EQ)
+logger = logging.getLogger("benchmarks.prune")
+
+
+@dataclasses.dataclass
+class Variant:
+    model: str
+    tool: str
+    ratio: float | None
+    path: Path | None = None
+    macs: float = float("nan")
+    params: float = float("nan")
+    file_mb: float = float("nan")
+    speedup: float = float("nan")
+    valid: str = ""
+    top1: float | None = None
+    seconds: float = float("nan")
+    note: str = ""
+
+
+# --- torch side -------------------------------------------------------------------------------------
+def seeded(build: Callable, bn: bool = True):
+    """The module `common._export` exports: seed 0, non-trivial BatchNorm statistics."""
+    import torch
+
+    torch.manual_seed(0)
+    model = build().eval()
+    if bn:
+        for m in model.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.5, 0.5)
+                m.running_var.uniform_(0.5, 2.0)
+    return model
+
+
+def export(module, path: Path, size: tuple[int, ...], outputs: list[str], dynamic_batch: bool = False) -> Path:
+    """`common._export`'s settings: opset 17, TorchScript exporter, BatchNorm kept."""
+    import torch
+
+    if path.is_file():
+        return path
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    torch.onnx.export(module, (torch.randn(*size),), str(tmp), dynamo=False, opset_version=17,
+                      input_names=["input"], output_names=outputs, training=torch.onnx.TrainingMode.PRESERVE,
+                      dynamic_axes={n: {0: "batch"} for n in ["input", *outputs]} if dynamic_batch else None)
+    tmp.replace(path)
+    return path
+
+
+def torch_pruned(module, ratio: float, size: tuple[int, ...], ignored: list) -> tuple[object, float]:
+    """Torch-Pruning 1.6, L1 magnitude, per-layer ratio; returns (pruned copy, seconds)."""
+    import torch
+    import torch_pruning as tp
+
+    model = copy.deepcopy(module)
+    names = {id(m): n for n, m in module.named_modules()}
+    by_name = dict(model.named_modules())
+    ignored = [by_name[names[id(m)]] for m in ignored]
+    start = time.perf_counter()
+    pruner = tp.pruner.MetaPruner(model, torch.randn(*size), importance=tp.importance.MagnitudeImportance(p=1),
+                                  pruning_ratio=ratio, ignored_layers=ignored, global_pruning=False)
+    pruner.step()
+    return model.eval(), time.perf_counter() - start
+
+
+# --- slimgraph side ---------------------------------------------------------------------------------
+#: the prune-50 recipe's order; FUSE_AFTER folds BatchNorm first but fuses activations after
+#: pruning (the channel analysis does not know com.microsoft QuickGelu, SiLU's fused form)
+RECIPE = "cleanup,fuse,prune.structured({}),cleanup"
+FUSE_AFTER = "cleanup,fold_batchnorm,prune.structured({}),cleanup,fuse"
+
+
+def slim(src: Path, dst: Path, options: str, pipeline: str = RECIPE) -> tuple[slimgraph.Model, dict, float]:
+    """`pipeline` with prune.structured(options) on `src`, saved to `dst`."""
+    model = slimgraph.load(src)
+    start = time.perf_counter()
+    result = slimgraph.run(model, pipeline.format(options))
+    seconds = time.perf_counter() - start
+    slimgraph.save(result.model, dst)
+    stats = next(r.stats for r in result.report.rows if r.name == "prune.structured")
+    return result.model, stats, seconds
+
+
+def optimized(src: Path, dst: Path) -> Path:
+    """slimgraph's exact cleanup + fusion (BatchNorm folded), as every tool's output gets."""
+    slimgraph.save(slimgraph.run(slimgraph.load(src), "cleanup,fuse").model, dst)
+    return dst
+
+
+def measure(v: Variant, dense: slimgraph.Model, feeds: dict[str, np.ndarray]) -> None:
+    """MACs / params (% of dense), file size, validity."""
+    model = slimgraph.load(v.path)
+    v.macs = 100 * sum(model.analysis("macs").values()) / sum(dense.analysis("macs").values())
+    v.params = 100 * model.analysis("params")["params"] / dense.analysis("params")["params"]
+    v.file_mb = v.path.stat().st_size / 2**20
+    try:
+        got = ort.run(ort.session(model), feeds)
+        want = ort.run(ort.session(dense), feeds)
+    except ort.ORT_ERRORS as e:
+        v.valid = f"no: {str(e)[:80]}"
+        return
+    shapes = [g.shape for g in got.values()] == [w.shape for w in want.values()]
+    finite = all(np.isfinite(g).all() for g in got.values())
+    v.valid = "yes" if shapes and finite else f"no: shapes {shapes}, finite {finite}"
+
+
+def bench(variants: list[Variant], dense_path: Path, feeds, runs: int) -> None:
+    models = {DENSE: dense_path, CONTROL: dense_path}
+    models.update({f"{v.tool} {v.ratio}": v.path for v in variants if v.valid == "yes"})
+    stats = ort.bench(models, feeds, runs=runs, warmup=5, threads=2, progress=True)
+    base = stats[DENSE]
+    for v in variants:
+        key = f"{v.tool} {v.ratio}"
+        if key in stats:
+            v.speedup = 1.0 / stats[key].ratio_to(base)
+    control = 1.0 / stats[CONTROL].ratio_to(base)
+    variants.insert(0, Variant(variants[0].model, CONTROL, None, dense_path, 100.0, 100.0,
+                               dense_path.stat().st_size / 2**20, control, "yes",
+                               note=f"dense median {base.median:.2f} ms"))
+
+
+# --- the CNNs --------------------------------------------------------------------------------------
+def cnn(name: str, build: Callable, runs: int) -> list[Variant]:
+    import torch
+
+    size = (1, 3, 224, 224)
+    folder = WORK / name
+    module = seeded(build)
+    float_path = export(module, folder / f"float-torch{torch.__version__}.onnx", size, ["logits"])
+    dense_path = optimized(float_path, folder / "dense.onnx")
+    dense = slimgraph.load(dense_path)
+    feeds = {"input": np.random.default_rng(0).standard_normal(size).astype(np.float32)}
+    classifier = [m for m in module.modules() if isinstance(m, torch.nn.Linear)][-1]
+    variants = []
+    for r in RATIOS:
+        variants += prune_all(name, module, float_path, dense, feeds, r, size, [classifier], folder)
+    bench(variants, dense_path, feeds, runs)
+    return variants
+
+
+def prune_all(name, module, float_path, dense, feeds, r, size, ignored, folder, dynamic_batch=False) -> list[Variant]:
+    """The five variants at ratio r (see the module docstring)."""
+    out = []
+    v = Variant(name, TP, r)
+    try:
+        pruned, v.seconds = torch_pruned(module, r, size, ignored)
+        raw = export(pruned, folder / f"tp-{r}.raw.onnx", size, _outputs(float_path), dynamic_batch)
+        v.path = optimized(raw, folder / f"tp-{r}.onnx")
+        measure(v, dense, feeds)
+    except Exception as e:  # report what Torch-Pruning did, whatever it raised
+        v.valid, v.note = "failed", f"{type(e).__name__}: {str(e)[:120]}"
+    out.append(v)
+    uniform = slim_variant(name, UNIFORM, r, float_path, folder, f"ratio={r}, criterion=l1, mode=uniform, multiple=8",
+                           dense, feeds)
+    out.append(uniform)
+    # the MAC cut for the MAC- and latency-driven modes: Torch-Pruning's (else the uniform one's)
+    reference = v if v.valid == "yes" else uniform
+    if reference.valid != "yes":
+        return out
+    cut = 1 - reference.macs / 100
+    out.append(slim_variant(name, MACS, r, float_path, folder, f"ratio={r}, mode=macs, target_macs={cut:.4f}",
+                            dense, feeds))
+    lat = slim_variant(name, LATENCY, r, float_path, folder, f"ratio={r}, mode=latency, target_macs={cut:.4f}",
+                       dense, feeds)
+    out.append(lat)
+    if lat.valid == "yes":
+        eq = 1 - lat.macs / 100
+        out.append(slim_variant(name, MACS_EQ, r, float_path, folder,
+                                f"ratio={r}, mode=macs, target_macs={eq:.4f}", dense, feeds))
+    return out
+
+
+def slim_variant(name, tool, r, float_path, folder, options, dense, feeds, pipeline=RECIPE) -> Variant:
+    v = Variant(name, tool, r, note=options if pipeline == RECIPE else f"{options}; {pipeline.format('...')}")
+    path = folder / f"{tool.replace(' ', '_').replace('@', 'at').replace(chr(39), '')}-{r}.onnx"
+    try:
+        _, stats, v.seconds = slim(float_path, path, options, pipeline)
+        v.path = path
+        measure(v, dense, feeds)
+    except SlimgraphError as e:
+        v.valid, v.note = "failed", f"{type(e).__name__}: {str(e)[:160]}"
+    return v
+
+
+def _outputs(path: Path) -> list[str]:
+    import onnx
+
+    return [o.name for o in onnx.load(str(path), load_external_data=False).graph.output]
+
+
+# --- digits: accuracy after pruning ---------------------------------------------------------------
+def digits(runs: int) -> list[Variant]:
+    """Train the digits CNN (zoo's architecture, seed and recipe), export it; both tools
+    prune the same weights; test top-1 without fine-tuning."""
+    import torch
+
+    data = zoo.digits_data()
+    module = train_digits(torch, data)
+    folder = WORK / "digits"
+    size = (1, 1, 8, 8)
+    float_path = export(module, folder / f"float-torch{torch.__version__}.onnx", size, ["logits"], dynamic_batch=True)
+    dense_path = optimized(float_path, folder / "dense.onnx")
+    dense = slimgraph.load(dense_path)
+    feeds = {"input": data.x_test[:1]}
+    variants = []
+    for r in RATIOS:
+        variants += prune_all("digits CNN", module, float_path, dense, feeds, r, size, [module.head], folder, True)
+    for v in variants:
+        if v.valid == "yes":
+            v.top1 = top1(v.path, data)
+    bench(variants, dense_path, feeds, runs)
+    variants[0].top1 = top1(dense_path, data)
+    return variants
+
+
+def train_digits(torch, data):
+    """`zoo._train_digits_cnn_torch`'s training (same seed, schedule and epochs), keeping
+    the torch module; the export of the result is cached by the caller's path."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        torch.manual_seed(zoo.DIGITS_SEED)
+        net = zoo._digits_module(torch)
+        epochs, batch = 12, 64
+        x, y = torch.from_numpy(data.x_train), torch.from_numpy(data.y_train)
+        opt = torch.optim.AdamW(net.parameters(), lr=3e-3, weight_decay=1e-4)
+        sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=1e-2, total_steps=epochs * -(-len(x) // batch))
+        gen = torch.Generator().manual_seed(zoo.DIGITS_SEED)
+        net.train()
+        for _ in range(epochs):
+            for idx in torch.randperm(len(x), generator=gen).split(batch):
+                opt.zero_grad()
+                torch.nn.functional.cross_entropy(net(x[idx]), y[idx]).backward()
+                opt.step()
+                sched.step()
+        return net.eval()
+    finally:
+        torch.set_num_threads(threads)
+
+
+def top1(path: Path, data) -> float:
+    logits = ort.run(ort.session(slimgraph.load(path)), {"input": data.x_test})
+    return float((next(iter(logits.values())).argmax(1) == data.y_test).mean())
+
+
+# --- ONNX models with residuals, Concat/Split, SiLU, Resize: slimgraph mode macs -----------------------
+def detector(runs: int) -> list[Variant]:
+    import torch
+    from torch_models import yolo_like
+
+    size = (1, 3, 320, 320)
+    folder = WORK / "yolo_like"
+    module = seeded(yolo_like)
+    outputs = ["p3", "p4", "p5"]
+    float_path = export(module, folder / f"float-torch{torch.__version__}.onnx", size, outputs)
+    dense_path = optimized(float_path, folder / "dense.onnx")
+    dense = slimgraph.load(dense_path)
+    feeds = {"input": np.random.default_rng(0).standard_normal(size).astype(np.float32)}
+    heads = [seq[-1] for branch in (module.box, module.cls) for seq in branch]
+    variants = []
+    for r in RATIOS:
+        v = Variant("yolo_like", TP, r)
+        try:
+            pruned, v.seconds = torch_pruned(module, r, size, heads)
+            v.path = optimized(export(pruned, folder / f"tp-{r}.raw.onnx", size, outputs), folder / f"tp-{r}.onnx")
+            measure(v, dense, feeds)
+        except Exception as e:  # report what Torch-Pruning did, whatever it raised
+            v.valid, v.note = "failed", f"{type(e).__name__}: {str(e)[:120]}"
+        variants.append(v)
+        variants += with_fallback("yolo_like", r, float_path, folder, dense, feeds)
+    bench(variants, dense_path, feeds, runs)
+    return variants
+
+
+def with_fallback(name, r, src, folder, dense, feeds) -> list[Variant]:
+    """slimgraph mode=macs at target r in the recipe's order; when that fails, also with
+    activations fused after pruning."""
+    first = slim_variant(name, MACS, r, src, folder, f"mode=macs, target_macs={r}", dense, feeds)
+    if first.valid == "yes":
+        return [first]
+    return [first, slim_variant(name, f"{MACS} (fuse after)", r, src, folder, f"mode=macs, target_macs={r}",
+                                dense, feeds, FUSE_AFTER)]
+
+
+def magika(runs: int) -> list[Variant]:
+    folder = WORK / "magika"
+    folder.mkdir(parents=True, exist_ok=True)
+    dense_path = optimized(zoo.magika_model_path(), folder / "dense.onnx")
+    dense = slimgraph.load(dense_path)
+    rows = zoo.magika_inputs(256)[zoo.MAGIKA_INPUT]
+    feeds = {zoo.MAGIKA_INPUT: rows[:1]}
+    variants = [v for r in RATIOS for v in with_fallback("magika", r, dense_path, folder, dense, feeds)]
+    for v in variants:  # agreement with the dense model's top-1 on real files
+        if v.valid == "yes":
+            a = ort.run_batched(dense, {zoo.MAGIKA_INPUT: rows})
+            b = ort.run_batched(slimgraph.load(v.path), {zoo.MAGIKA_INPUT: rows})
+            v.top1 = float((next(iter(a.values())).argmax(-1) == next(iter(b.values())).argmax(-1)).mean())
+    variants.append(Variant("magika", TP, None, valid="n/a", note="ONNX only: no torch module to prune"))
+    bench(variants, dense_path, feeds, runs)
+    return variants
+
+
+# --- report ----------------------------------------------------------------------------------------
+def table(variants: list[Variant], accuracy: str | None = None) -> str:
+    headers = ["model", "tool", "ratio", "MACs %", "params %", "file MB", "speed-up", "valid"]
+    headers += [accuracy] if accuracy else []
+    headers += ["note"]
+    rows = []
+    for v in variants:
+        row = [v.model, v.tool, "" if v.ratio is None else v.ratio, _num(v.macs, "{:.1f}"), _num(v.params, "{:.1f}"),
+               _num(v.file_mb, "{:.2f}"), _num(v.speedup, "{:.2f}x"), v.valid]
+        if accuracy:
+            row.append("" if v.top1 is None else f"{v.top1:.2%}")
+        rows.append(row + [v.note.replace("|", "/")])
+    return common.markdown_table(headers, rows)
+
+
+def _num(x: float, fmt: str) -> str:
+    return "" if x != x else fmt.format(x)
+
+
+def targets(cnns: list[Variant]) -> list[tuple[str, bool, str]]:
+    """The issue's targets, per model and ratio: (what, met, measured)."""
+    out = []
+    for model in dict.fromkeys(v.model for v in cnns):
+        for r in RATIOS:
+            rows = {v.tool: v for v in cnns if v.model == model and v.ratio == r}
+            tp = rows.get(TP)
+            if tp is None or tp.valid != "yes":
+                continue
+            for tool in (UNIFORM, MACS):  # at the same ratio; at Torch-Pruning's MAC cut
+                v = rows.get(tool)
+                if v is None:
+                    continue
+                ok = v.valid == "yes" and v.macs <= tp.macs + 0.05 and v.params <= tp.params + 0.05
+                out.append((f"{model} {r}: {tool} MACs and params <= Torch-Pruning's ({tp.macs:.1f}% / "
+                            f"{tp.params:.1f}%)", ok, f"{v.macs:.1f}% / {v.params:.1f}%"))
+                out.append((f"{model} {r}: {tool} speed-up >= {TARGET_SPEEDUP[r]}x", v.speedup >= TARGET_SPEEDUP[r],
+                            f"{v.speedup:.2f}x (Torch-Pruning {tp.speedup:.2f}x)"))
+            lat, eq = rows.get(LATENCY), rows.get(MACS_EQ)
+            if lat is not None and eq is not None and lat.valid == eq.valid == "yes":
+                out.append((f"{model} {r}: latency-aware >= MAC-driven at equal MACs", lat.speedup >= eq.speedup,
+                            f"{lat.speedup:.2f}x at {lat.macs:.1f}% MACs vs {eq.speedup:.2f}x at {eq.macs:.1f}%"))
+    return out
+
+
+def plot(cnns: list[Variant], path: Path) -> None:
+    models = list(dict.fromkeys(v.model for v in cnns))
+    fig, axes = plt.subplots(1, len(models), figsize=(6 * len(models), 4.5), squeeze=False)
+    markers = {TP: "s", UNIFORM: "o", MACS: "^", LATENCY: "*", MACS_EQ: "v"}
+    for ax, model in zip(axes[0], models, strict=True):
+        for tool, marker in markers.items():
+            pts = [(v.macs, v.speedup, v.ratio) for v in cnns if v.model == model and v.tool == tool and v.valid == "yes"]
+            if pts:
+                ax.scatter([p[0] for p in pts], [p[1] for p in pts], marker=marker, s=70, label=tool)
+                for x, y, r in pts:
+                    ax.annotate(f"{r}", (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
+        xs = np.linspace(15, 100, 50)
+        ax.plot(xs, 100 / xs, "k:", lw=1, label="speed-up = 1 / MAC fraction")
+        ax.set(title=f"{model} (ORT CPU, 2 threads, batch 1)", xlabel="MACs (% of dense)", ylabel="speed-up vs dense")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--runs", type=int, default=40, help="timed runs per variant (interleaved)")
+    parser.add_argument("--no-torch", action="store_true", help="skip (this benchmark needs torch)")
+    parser.add_argument("--only", nargs="*", default=["resnet18", "mobilenet_v2", "digits", "yolo_like", "magika"])
+    args = parser.parse_args()
+    if args.no_torch:
+        print("prune.py needs torch and torch-pruning; skipped (--no-torch)")
+        return 0
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    import torch
+    import torch_pruning
+    from torch_models import mobilenet_v2, resnet18
+
+    from slimgraph.passes.prune import latency
+
+    start = time.perf_counter()
+    table_path = latency.default_path(2)
+    entries_before = len(latency.LatencyTable(table_path, progress=False).entries)
+    cnns, digit_rows, others = [], [], []
+    if "resnet18" in args.only:
+        cnns += cnn("ResNet-18", resnet18, args.runs)
+    if "mobilenet_v2" in args.only:
+        cnns += cnn("MobileNetV2", mobilenet_v2, args.runs)
+    if "digits" in args.only:
+        digit_rows = digits(args.runs * 4)
+    if "yolo_like" in args.only:
+        others += detector(args.runs)
+    if "magika" in args.only:
+        others += magika(args.runs * 4)
+    entries_after = len(latency.LatencyTable(table_path, progress=False).entries)
+    checks = targets(cnns)
+    if cnns:
+        plot(cnns, common.RESULTS / "prune.png")
+    text = [
+        "# Structured pruning: slimgraph vs Torch-Pruning",
+        "",
+        f"Machine: {common.machine()}; torch {torch.__version__}, torch-pruning {torch_pruning.__version__}. "
+        f"One run of `benchmarks/prune.py` ({time.perf_counter() - start:.0f} s). Latency table: "
+        f"`{table_path.name}`, {entries_after} layer shapes ({entries_after - entries_before} measured in this run).",
+        "",
+        "How: see the docstring of benchmarks/prune.py. MACs and params are % of the dense model (BatchNorm "
+        "folded for every tool); speed-up is ORT CPU, 2 threads, batch 1, interleaved with a dense-vs-dense "
+        "control row (its speed-up is the noise floor).",
+        "",
+        "## ResNet-18 and MobileNetV2 (random weights, 224x224)",
+        "",
+        table(cnns),
+        "",
+        "![MACs vs latency](prune.png)",
+        "",
+        "## Digits CNN: test top-1 after pruning, no fine-tuning",
+        "",
+        table(digit_rows, "top-1"),
+        "",
+        "## Detector (yolo_like, 320x320) and magika: structured pruning on ONNX graphs",
+        "",
+        "magika's accuracy column: agreement with the dense model's top-1 on 256 real files.",
+        "",
+        table(others, "top-1 agree"),
+        "",
+        "## Targets",
+        "",
+        common.markdown_table(["target", "met", "measured"], [(n, "yes" if ok else "**no**", m) for n, ok, m in checks]),
+    ]
+    common.write_result("prune", "\n".join(text))
+    missed = [n for n, ok, _ in checks if not ok]
+    if missed:
+        print(f"missed: {'; '.join(missed)}", file=sys.stderr)
+    return 1 if missed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
