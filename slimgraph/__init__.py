@@ -22,9 +22,17 @@ from slimgraph.passes.pipeline import Pipeline, parse as parse_pipeline
 
 __version__ = "0.1.0"
 
+
+def to_torch(model, **options):
+    """The model as a trainable `torch.nn.Module` (slimgraph.backends.torch_exec; needs torch)."""
+    from slimgraph.backends.torch_exec import to_torch as _to_torch
+
+    return _to_torch(model, **options)
+
+
 __all__ = [
     "DataError", "Model", "ModelLoadError", "Pass", "PassConfig", "PassContext", "PassError",
     "PassManager", "PassResult", "Pipeline", "PipelineError", "Report", "RunResult",
     "SlimgraphError", "UnsupportedOpError", "load", "parse_pipeline", "register_pass",
-    "registry", "run", "save", "summary",
+    "registry", "run", "save", "summary", "to_torch",
 ]
