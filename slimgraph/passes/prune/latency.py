@@ -35,7 +35,7 @@ import os
 import re
 import tempfile
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -114,7 +114,6 @@ class LayerShape:
 
     def proto(self):
         """A one-node ONNX model of this layer, random weights."""
-        import onnx
         from onnx import TensorProto, helper, numpy_helper
 
         rng = np.random.default_rng(0)
@@ -435,10 +434,3 @@ def predicted_latency(model: Model, analysis: ChannelAnalysis, counts: Mapping[i
     layers = _layers(model, analysis, set(counts))
     return float(sum(_layer_latency(table, analysis, layer, counts) for layer in layers))
 
-
-def iter_layers(model: Model) -> Iterator[tuple[str, LayerShape]]:
-    """(node name, signature) of every weight layer whose latency can be measured."""
-    for node in model.graph:
-        shape = layer_shape(node)
-        if shape is not None:
-            yield node.name, shape
