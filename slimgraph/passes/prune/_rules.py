@@ -513,3 +513,10 @@ RULES = {
     **{op: unary for op in UNARY}, **{op: broadcast for op in BINARY},
     **{op: pool for op in POOLS}, **{op: reduce for op in REDUCE},
 }
+
+#: ORT contrib ops that slimgraph's fusions emit (fuse_activations): elementwise, with an
+#: optional per-channel bias on the last axis
+CONTRIB_RULES = {
+    ("com.microsoft", "QuickGelu"): unary, ("com.microsoft", "Gelu"): unary,
+    ("com.microsoft", "FastGelu"): broadcast, ("com.microsoft", "BiasGelu"): broadcast,
+}

@@ -147,6 +147,8 @@ class ChannelAnalysis:
     layer_spaces: dict[str, tuple[str | None, str | None, bool]] = dataclasses.field(repr=False, default_factory=dict)
     #: the unit of each segment of `_leaves[root]` (1 but for attention heads)
     _units: dict[str, list[int]] = dataclasses.field(repr=False, default_factory=dict)
+    #: activation value -> (space, channel axis, factor)
+    _values: dict[str, tuple[str, int, int]] = dataclasses.field(repr=False, default_factory=dict)
 
     def safe_groups(self) -> list[Group]:
         return [g for g in self.groups if g.safe]
@@ -261,9 +263,11 @@ def analyze(model: Model) -> ChannelAnalysis:
     for v in graph.inputs:
         b.new_space(v, 1 if (_dims(v) or ()) and len(_dims(v)) >= 2 else None, f"graph input {v.name!r}")
     for node in graph:
-        if node.domain not in ("", "ai.onnx") or node.op_type in CONSTANT_OPS:
-            if node.op_type not in CONSTANT_OPS:
-                b.touch_unknown(node, "custom-domain op")
+        if node.op_type in CONSTANT_OPS and node.domain in ("", "ai.onnx"):
+            continue
+        if node.domain not in ("", "ai.onnx"):
+            rule = _rules.CONTRIB_RULES.get((node.domain, node.op_type))
+            rule(b, node) if rule is not None else b.touch_unknown(node, "custom-domain op")
             continue
         for sub in node.attributes.values():
             if sub.type in (ir.AttributeType.GRAPH, ir.AttributeType.GRAPHS):
@@ -422,7 +426,8 @@ def _finish(model: Model, b: _Builder) -> ChannelAnalysis:
             root_in = b.uf[ins.key] if ins is not None else None
             root_out = b.uf[outs.key] if outs is not None else None
             spaces[b.names[node]] = (root_in, root_out, root_in is not None and root_in == root_out)
-    return ChannelAnalysis(groups, layer_groups, merged, leaves, group_of_leaf, fixups, spaces, units)
+    values = {name: (b.uf[i.key], i.axis, i.factor) for name, i in b.info.items() if i.axis is not None}
+    return ChannelAnalysis(groups, layer_groups, merged, leaves, group_of_leaf, fixups, spaces, units, values)
 
 
 def _pieces_to_definition(root: str, sp: _Space, merged: dict[str, _Space], b: _Builder) -> None:
@@ -523,16 +528,22 @@ def apply(model: Model, analysis: ChannelAnalysis, keep: dict[int, np.ndarray]) 
     for fix in analysis._fixups:
         if any(_touched(analysis, root, keep) for root in fix[1]):
             fix[0](analysis, keep, *fix[1:])
-    _refresh_shapes(model)
+    _refresh_shapes(model, analysis, keep)
 
 
-def _refresh_shapes(model: Model) -> None:
+def _refresh_shapes(model: Model, analysis: ChannelAnalysis, keep: dict[int, np.ndarray]) -> None:
+    """Set the channel dim of every value of a cut space (ONNX shape inference stops at
+    contrib ops, so it is not left to re-derive them), infer the rest and check."""
     from onnx_ir.passes.common import CheckerPass, ShapeInferencePass
 
-    for node in model.graph:
-        for v in node.outputs:
-            if not v.is_graph_output():
-                v.shape = None
+    values = {v.name: v for node in model.graph for v in node.outputs}
+    for name, (root, axis, factor) in analysis._values.items():
+        v = values.get(name)
+        if v is None or v.shape is None or axis >= len(v.shape) or not _touched(analysis, root, keep):
+            continue
+        dims = list(v.shape.dims)
+        dims[axis] = len(keep_index(analysis, root, keep)) * factor
+        v.shape = ir.Shape(dims)
     ShapeInferencePass(check_type=False, strict_mode=False, data_prop=True)(model.ir)
     CheckerPass(full_check=False)(model.ir)
 

@@ -148,9 +148,10 @@ def images(size: int, n: int = 1) -> dict[str, np.ndarray]:
     return {"x": np.random.default_rng(0).standard_normal((n, 3, size, size)).astype(np.float32)}
 
 
-def test_c2f_sppf_block_from_torch():
-    """Split, Concat, residual Add, SiLU and MaxPool from a real torch export (the
-    TorchScript exporter, with BN kept: 1 s here, where torch.export takes 14 s)."""
+@pytest.fixture(scope="module")
+def c2f_block():
+    """Conv, C2f (Split, Concat, residual Add, SiLU) and SPPF (MaxPool) from a real torch
+    export (the TorchScript exporter, with BN kept: 1 s here, where torch.export takes 14 s)."""
     torch = pytest.importorskip("torch")
     import io
 
@@ -163,15 +164,26 @@ def test_c2f_sppf_block_from_torch():
     buffer = io.BytesIO()
     torch.onnx.export(block, (torch.randn(1, 3, 32, 32),), buffer, dynamo=False, opset_version=17,
                       input_names=["x"], training=torch.onnx.TrainingMode.PRESERVE)
-    model = slimgraph.load(onnx.load_from_string(buffer.getvalue()))
-    pruned, stats = prune(model, ratio=0.5)
+    return onnx.load_from_string(buffer.getvalue())
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_c2f_sppf_block_from_torch(c2f_block, fused):
+    """Before and after the `cleanup` and `fuse` recipes (BN folded, SiLU -> com.microsoft
+    QuickGelu, as in the prune-50 recipe)."""
+    model = slimgraph.load(c2f_block)
+    steps = ["cleanup", "fuse"] if fused else []
+    result = slimgraph.run(model, [*steps, {"prune.structured": {"ratio": 0.5}}])
+    pruned, stats = result.model, result.report.rows[-1].stats
     ops = {n.op_type for n in pruned.graph}
     assert {"Split", "Concat", "MaxPool", "Add"} <= ops
+    assert ("QuickGelu" in ops) == fused and ("BatchNormalization" in ops) != fused
     # stem, C2f: cv1 halves (2), bottlenecks (2 x 1 inner), cv2; SPPF: cv1, cv2 = 8 groups
     assert stats["groups_pruned"] == 8 and stats["groups_unsafe"] == 2
-    out = ort.run(pruned, {model.graph.inputs[0].name: images(32)["x"]})
+    out = ort.run(pruned, {"x": images(32)["x"]})
     assert next(iter(out.values())).shape == (1, 4, 16, 16)
     assert stats["macs_after"] < 0.35 * stats["macs_before"]
+    assert all(not r["MACs"].endswith(" 0") for r in stats["table"])  # shapes kept through contrib ops
 
 
 def _latency_ratio(a, b, feeds) -> float:
