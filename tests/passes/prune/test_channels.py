@@ -519,3 +519,24 @@ def test_layer_norm_over_other_axes_passes_channels(rng, x):
     over_channels = build(text.replace("AXIS", "1").replace("float[8,8] ln_scale", "float[8,8,8] ln_scale"),
                           **{**weights, "ln_scale": np.ones((8, 8, 8), np.float32)})
     assert not groups_of(over_channels).safe_groups()
+
+
+def test_concat_then_split_elsewhere_is_unsafe(rng):
+    """Concat of 4 + 4 channels split again as 2 + 6: no per-group decision maps onto both."""
+    model = build(HEAD + """
+        g (float[1,4,8,8] x, float[4,4,1,1] wa, float[4,4,1,1] wb, int64[2] sizes, float[3,2,1,1] wc,
+           float[3,6,1,1] wd) => (float[1,3,8,8] y) {
+            a = Conv(x, wa)
+            b = Conv(x, wb)
+            c = Concat<axis=1>(a, b)
+            p, q = Split<axis=1>(c, sizes)
+            u = Conv(p, wc)
+            v = Conv(q, wd)
+            y = Add(u, v)
+        }""",
+        wa=dead_weight(rng, (4, 4, 1, 1)), wb=dead_weight(rng, (4, 4, 1, 1)), sizes=np.array([2, 6]),
+        wc=dead_weight(rng, (3, 2, 1, 1)), wd=dead_weight(rng, (3, 6, 1, 1)),
+    )
+    a = groups_of(model)
+    assert not a.safe_groups()
+    assert any("split two incompatible ways" in g.reason for g in a.groups)
