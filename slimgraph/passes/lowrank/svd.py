@@ -83,7 +83,9 @@ class LowRankSVD(Pass):
     name = NAME
     exact = False
     after = ("fold_batchnorm", "fuse_*")
-    before = ("prune*", "cluster*", "quantize*", "pack*")
+    #: clustering, quantization and packing read the final weights; pruning may go either way
+    #: (an unstructured sparsity contract recorded earlier would be broken and reported)
+    before = ("cluster*", "quantize*", "pack*")
 
     class Config(PassConfig):
         #: fraction of ||W||_F^2 the kept singular values retain

@@ -209,9 +209,30 @@ def test_digits_cnn_top1_at_energy_90_and_95():
     data = zoo.digits_test_data()
     base = slimgraph.run(zoo.digits_cnn(), "optimize").model
     before = _digits_top1(base, data)
-    for energy, max_drop in ((0.9, 0.05), (0.95, 0.01)):
+    for energy, max_drop in ((0.9, 0.03), (0.95, 0.01)):  # measured drops: 1.4 and 0.0 points
         out = slimgraph.run(base, f"lowrank.svd(energy={energy}, multiple=1, margin=1.0)")
         stats = _stats(out)
         assert stats["factorized"] >= 1 and stats["params_after"] < stats["params_before"]
         after = _digits_top1(out.model, data)
         assert after >= before - max_drop, (energy, before, after)
+
+
+def test_digits_cnn_output_budget_with_whitening_beats_energy_at_a_similar_size():
+    """max_error 0.2 (whitened, 256 training images) cuts ~27% of the weights for ~1 point
+    (measured 99.17% -> 98.06%); plain SVD by energy at a similar size (energy 0.8) collapses
+    (measured 70%)."""
+    data = zoo.digits_test_data()
+    calib = {"input": zoo.digits_data().x_train[:256]}
+    base = slimgraph.run(zoo.digits_cnn(), "optimize").model
+    before = _digits_top1(base, data)
+    budget = slimgraph.run(base, "lowrank.svd(max_error=0.2, multiple=1, margin=1.0, samples=256)", data=calib)
+    stats = _stats(budget)
+    assert stats["params_after"] <= 0.8 * stats["params_before"]
+    for row in stats["table"]:
+        if row["result"] == "factorized":
+            assert float(row["output error"]) <= 0.2
+    after = _digits_top1(budget.model, data)
+    assert after >= before - 0.02
+    energy = slimgraph.run(base, "lowrank.svd(energy=0.8, multiple=1, margin=1.0)")
+    assert _stats(energy)["params_after"] <= 1.05 * stats["params_after"]
+    assert _digits_top1(energy.model, data) < after - 0.1
