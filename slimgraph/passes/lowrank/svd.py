@@ -48,6 +48,7 @@ from slimgraph.passes.rewrite import constant, used_outside
 logger = logging.getLogger(__name__)
 
 NAME = "lowrank.svd"
+UNMET = "max_error unmet"
 
 
 @dataclasses.dataclass
@@ -126,21 +127,7 @@ class LowRankSVD(Pass):
         rows, unmet = [], []
         before = after = 0
         for c in candidates:
-            gram = grams.get(_gram_key(c))
-            whiten = gram is not None and cfg.whiten and c.kind != "spatial"
-            fact = Factorization.of(c.kind, c.weight, gram if whiten else None)
-            row = {"layer": c.name, "op": f"{c.op} ({c.kind}{', whitened' if whiten else ''})", "shape": c.shape}
-            r, why, out_err = self._rank(c, fact, gram)
-            if why == "unmet":
-                unmet.append(c.name)
-                why = f"no rank below {fact.full_rank} meets max_error {cfg.max_error}"
-            if why is None:
-                why = self._not_worth_it(c, fact, r, shapes, model.opset)
-            row.update({"rank": f"{r}/{fact.full_rank}",
-                        "params": f"{fact.params_before} -> {fact.params_after(r) if why is None else fact.params_before}",
-                        "weight error": f"{fact.weight_error(r):.4g}"})
-            if cfg.max_error is not None:
-                row["output error"] = "" if out_err is None else f"{out_err:.4g}"
+            row, fact, r, why = self._plan(c, grams.get(_gram_key(c)), shapes, model.opset)
             before += fact.params_before
             if why is None:
                 self._rewrite(editor, c, fact, r)
@@ -149,6 +136,7 @@ class LowRankSVD(Pass):
             else:
                 after += fact.params_before
                 skipped[why.split(":")[0]] += 1
+                unmet += [c.name] if why.startswith(UNMET) else []
                 row["result"] = why
             rows.append(row)
         editor.drop_unused_weights()
@@ -161,6 +149,23 @@ class LowRankSVD(Pass):
         if unmet:
             stats["max_error_unmet"] = unmet
         return PassResult(model, done > 0, stats)
+
+    def _plan(self, c: Candidate, gram: np.ndarray | None, shapes: dict, opset: int
+              ) -> tuple[dict, Factorization, int, str | None]:
+        """(table row, factorization, rank, why the layer stays dense or None) for one layer."""
+        cfg = self.config
+        whiten = gram is not None and cfg.whiten and c.kind != "spatial"
+        fact = Factorization.of(c.kind, c.weight, gram if whiten else None)
+        r, why, out_err = self._rank(c, fact, gram)
+        if why is None:
+            why = self._not_worth_it(c, fact, r, shapes, opset)
+        row = {"layer": c.name, "op": f"{c.op} ({c.kind}{', whitened' if whiten else ''})", "shape": c.shape,
+               "rank": f"{r}/{fact.full_rank}",
+               "params": f"{fact.params_before} -> {fact.params_after(r) if why is None else fact.params_before}",
+               "weight error": f"{fact.weight_error(r):.4g}" if r < fact.full_rank else "0"}
+        if cfg.max_error is not None:
+            row["output error"] = "" if out_err is None else f"{out_err:.4g}"
+        return row, fact, r, why
 
     # -- finding the layers ---------------------------------------------------------------
     def _candidates(self, model: Model) -> tuple[list[Candidate], collections.Counter]:
@@ -234,14 +239,15 @@ class LowRankSVD(Pass):
         else:
             r = round_rank(fact.energy_rank(cfg.energy), cfg.multiple, full)
         if r >= full:
-            return r, f"rank {r} is the full rank", None
+            return r, f"full rank: {r}", None
         return r, None, None
 
     def _rank_for_error(self, c: Candidate, fact: Factorization, gram: np.ndarray):
         full, step, budget = fact.full_rank, self.config.multiple, self.config.max_error
         ranks = np.arange(step, full, step)
+        unmet = full, f"{UNMET}: no rank below {full} meets max_error {budget}", None
         if not len(ranks):
-            return full, "unmet", None
+            return unmet
         if c.kind == "spatial":  # no closed form: bisect (errors fall with the rank)
             lo, hi, best = 0, len(ranks) - 1, None
             while lo <= hi:
@@ -251,11 +257,11 @@ class LowRankSVD(Pass):
                     best, hi = (int(ranks[mid]), err), mid - 1
                 else:
                     lo = mid + 1
-            return (full, "unmet", None) if best is None else (best[0], None, best[1])
+            return unmet if best is None else (best[0], None, best[1])
         errors = fact.output_errors(gram, ranks)
         ok = np.nonzero(errors <= budget)[0]
         if not len(ok):
-            return full, "unmet", None
+            return unmet
         return int(ranks[ok[0]]), None, float(errors[ok[0]])
 
     # -- is it worth it -------------------------------------------------------------------

@@ -116,7 +116,7 @@ def test_not_applied_where_it_does_not_pay():
     m = _model([oh.make_node("MatMul", ["x", "w"], ["y"])], [("x", [4, 64])], "y", {"w": w})
     out = slimgraph.run(m, "lowrank.svd(energy=0.99)")
     assert not out.report.rows[-1].modified
-    assert _stats(out)["table"][0]["result"].startswith(("not smaller", "rank 48 is the full rank"))
+    assert _stats(out)["table"][0]["result"].startswith(("not smaller", "full rank"))
 
 
 def test_bad_ranks_and_energies_are_errors_naming_the_layer():
