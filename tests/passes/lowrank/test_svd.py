@@ -80,6 +80,17 @@ def test_conv_channel_svd_at_its_exact_rank_keeps_outputs():
     assert_same_outputs(m, out.model, {"x": RNG.standard_normal((2, cin, 13, 11)).astype(np.float32)}, rtol=1e-4)
 
 
+def test_conv1d_channel_svd_and_spatial_refusal():
+    w = _low_rank(32, 16 * 5, 8).reshape(32, 16, 5)
+    node = oh.make_node("Conv", ["x", "w"], ["y"], strides=[2], pads=[2, 1], dilations=[2])
+    m = _model([node], [("x", [2, 16, 40])], "y", {"w": w})
+    out = slimgraph.run(m, "lowrank.svd(rank=8)")
+    assert ops(out.model) == ["Conv", "Conv"]
+    assert_same_outputs(m, out.model, {"x": RNG.standard_normal((2, 16, 40)).astype(np.float32)}, rtol=1e-4)
+    spatial = slimgraph.run(m, "lowrank.svd(rank=8, conv=spatial)")
+    assert _stats(spatial)["skipped"] == {"spatial SVD needs a 2-D Conv": 1}
+
+
 def test_conv_spatial_svd_at_its_exact_rank_keeps_outputs():
     cout, cin, kh, kw, r = 32, 16, 3, 5, 8
     w = unmatrix("spatial", _low_rank(cin * kh, cout * kw, r), (cout, cin, kh, kw)).astype(np.float32)
