@@ -70,7 +70,7 @@ class Report:
         for r in self.rows:
             err = "" if r.error is None else f"{r.error:.2e}"
             stats = ", ".join(f"{k}={v}" for k, v in r.stats.items()
-                              if k != TABLE and v not in (0, {}, None, []))
+                              if k != TABLE and not k.startswith("_") and v not in (0, {}, None, []))
             lines.append(
                 f"| {r.name} | {'yes' if r.modified else 'no'} | {r.seconds:.3f} | {_delta(r.nodes)} | "
                 f"{_delta(r.params)} | {_delta(r.bytes)} | {_delta(r.macs)} | {err} | {stats} |"
