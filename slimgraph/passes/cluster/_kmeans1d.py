@@ -63,7 +63,8 @@ def _init(rows: np.ndarray, k: int, init: str, rng: np.random.Generator) -> np.n
     cols = rng.choice(n, size=take, replace=False) if take < n else np.arange(n)
     sample = rows[:, cols].astype(np.float64)
     valid = ~np.isnan(sample)
-    fill = np.where(valid.any(1), np.nanmean(np.where(valid, sample, np.nan), axis=1), 0.0) if valid.any() else np.zeros(R)
+    counts = valid.sum(1)
+    fill = np.where(valid, sample, 0.0).sum(1) / np.maximum(counts, 1)  # mean of each row's valid values
     sample = np.where(valid, sample, fill[:, None])
     centroids = np.empty((R, k))
     first = rng.integers(0, take, size=R)
