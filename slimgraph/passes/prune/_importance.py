@@ -1,8 +1,9 @@
 """Channel importance criteria for `prune.structured`: one score per channel of a group.
 
-- l1 / l2: the norm of every weight entry of the channel, per tensor of the group
-  (producers' output filters, consumers' input columns, depthwise filters), each tensor's
-  scores divided by their mean so layers of different scale count equally, then summed;
+- l1 / l2: the norm of every weight entry of the channel, per weight tensor of the group
+  (producers' output filters, consumers' input columns, depthwise filters; biases and
+  BatchNorm parameters are not weights), each tensor's scores divided by their mean so
+  layers of different scale count equally, then summed;
 - bn_scale: |gamma| of the group's BatchNormalization(s); after BatchNorm folding a group
   has none and falls back to l1;
 - apoz / mean_activation: from the group's activations on sample data (ORT with the
@@ -38,7 +39,7 @@ def weight_scores(group: Group, order: int) -> np.ndarray:
     """Sum over the group's weight tensors of each channel's normalised L1 or L2 norm."""
     total = np.zeros(group.size)
     for s, rows in group.weight_rows():
-        if s.role in WEIGHT_ROLES:
+        if s.role in WEIGHT_ROLES and s.value.shape is not None and len(s.value.shape) >= 2:
             norms = np.abs(rows).sum(axis=1) if order == 1 else np.sqrt((rows ** 2).sum(axis=1))
             total += _normalised(norms)
     return total
