@@ -207,9 +207,15 @@ def _prepare(model: Model) -> bool:
     dead = EliminateDead()(model).modified
     InferShapes()(model)
     named = 0
+    taken = {n.name for n in model.nodes(recursive=True)}
     for i, node in enumerate(model.nodes(recursive=True)):
         if not node.name:  # layers are reported and matched by name
-            node.name = f"{node.op_type}_{i}"
+            name, k = f"{node.op_type}_{i}", 0
+            while name in taken:
+                k += 1
+                name = f"{node.op_type}_{i}_{k}"
+            node.name = name
+            taken.add(name)
             named += 1
     return folded or dead or named > 0
 
