@@ -1,0 +1,171 @@
+"""train.distill: knowledge distillation into the model being compressed.
+
+The student is the pipeline's model (pruned, clustered, ... and run through the torch
+executor); the teacher is any model `slimgraph.load` takes (an ONNX path, the original
+float model), evaluated once per batch by ONNX Runtime. The loss is
+
+    T^2 * KL(softmax(teacher / T) || softmax(student / T))      (soft targets, Hinton et al.)
+  + hard_weight * cross-entropy(student, labels)                  (when labels are given)
+  + feature_weight * sum over `features` of MSE(student[s], teacher[t])
+
+so unlabeled data is enough (soft targets only). For embedding models whose output is not
+a distribution (`loss: mse`, or `cosine`), the soft term compares the outputs directly.
+Feature pairs name a student tensor and a teacher tensor of the same shape
+(`features: ["student_name=teacher_name"]`): both are exposed as extra outputs.
+
+Preservation is the same as `train.finetune`'s: pruned zeros and clusters are kept.
+"""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+
+from slimgraph.errors import PassError
+from slimgraph.ir.model import Model
+from slimgraph.passes.base import Pass, PassConfig, PassContext, PassResult, choice, float_range, int_range, register_pass
+from slimgraph.passes.train import _loop
+
+
+@register_pass
+class Distill(Pass):
+    """Knowledge distillation from a teacher model (KL on softened outputs, optional labels and features)."""
+
+    name = "train.distill"
+    exact = False
+    requires = ("data", "torch")
+    after = ("fold_batchnorm",)
+    before = ("quantize.*", "pack.*")
+
+    class Config(PassConfig):
+        #: the teacher: a model path (ONNX), evaluated with ONNX Runtime
+        teacher: str
+        temperature: float = float_range(1.0, 20.0, default=4.0)
+        #: "kl" (classifier logits), "mse" or "cosine" (embeddings)
+        loss: str = choice("kl", "mse", "cosine", default="kl")
+        #: weight of the hard-label cross-entropy (0: soft targets only; needs labels when > 0)
+        hard_weight: float = float_range(0.0, 1.0, default=0.0)
+        #: intermediate tensors matched by MSE: "student_tensor=teacher_tensor"
+        features: tuple[str, ...] = ()
+        feature_weight: float = float_range(0.0, 100.0, default=1.0)
+        epochs: int = int_range(1, 1000, default=5)
+        lr: float = float_range(1e-6, 1.0, default=1e-3, log=True)
+        batch_size: int = int_range(1, 4096, default=64, log=True)
+        optimizer: str = choice("adamw", "sgd", default="adamw")
+        schedule: str = choice("cosine", "onecycle", "constant", default="cosine")
+        weight_decay: float = float_range(0.0, 0.1, default=0.0)
+        device: str = choice("auto", "cpu", "cuda", default="auto")
+
+    def run(self, model: Model, ctx: PassContext) -> PassResult:
+        import torch
+
+        from slimgraph.backends.torch_exec import GraphModule
+
+        cfg = self.config
+        data, labels = _loop.training_data(ctx, model, self.name, need_labels=cfg.hard_weight > 0)
+        pairs = [self._pair(f) for f in cfg.features]
+        teacher = _Teacher(cfg.teacher, [t for _, t in pairs], self.name)
+        model.graph.sort()
+        student_model = _with_outputs(model, [s for s, _ in pairs], self.name)
+        module = GraphModule(student_model)
+        dev = _loop.device(cfg.device)
+        module.to(dev)
+        cons = _loop.constraints(module, model)
+        n = len(next(iter(data.values())))
+        steps = cfg.epochs * -(-n // cfg.batch_size)
+        opt, sched = _loop.optimizer(module.parameters(), cfg.optimizer, cfg.lr, cfg.weight_decay, steps, cfg.schedule)
+        rng = np.random.default_rng(ctx.seed)
+        torch.manual_seed(ctx.seed)
+        first_out = module.output_names[0]
+        losses, start = [], time.perf_counter()
+        with _loop.progress(ctx.progress, steps, self.name) as update:
+            for step, (feeds, y) in enumerate(_loop.batches(data, labels, cfg.batch_size, cfg.epochs, rng)):
+                t_out, t_feats = teacher(feeds)
+                inputs = {k: torch.from_numpy(np.ascontiguousarray(v)).to(dev) for k, v in feeds.items()}
+                outs = module(**inputs, as_dict=True)
+                student = outs[first_out]
+                target = torch.from_numpy(t_out).to(dev)
+                if student.shape != target.shape:
+                    raise PassError(self.name, f"student output {first_out!r} has shape {tuple(student.shape)}, "
+                                    f"the teacher's {tuple(target.shape)}: they must match")
+                loss = self._soft(student, target)
+                if cfg.hard_weight > 0:
+                    loss = loss + cfg.hard_weight * torch.nn.functional.cross_entropy(student, torch.from_numpy(y).to(dev).long())
+                for (s_name, _), t_val in zip(pairs, t_feats):
+                    loss = loss + cfg.feature_weight * torch.nn.functional.mse_loss(outs[s_name], torch.from_numpy(t_val).to(dev))
+                value = float(loss.detach())
+                _loop.check_loss(value, step, self.name)
+                opt.zero_grad()
+                loss.backward()
+                _loop.mask_gradients(module, cons)
+                opt.step()
+                sched.step()
+                _loop.apply_constraints(module, cons)
+                losses.append(value)
+                update(value)
+        trained = module.cpu().to_model()
+        for _ in pairs:  # drop the feature outputs again
+            trained.graph.outputs.pop()
+        model.ir = trained.ir
+        return PassResult(model, True, {
+            "steps": steps, "loss_first": round(losses[0], 5),
+            "loss_last_epoch": round(float(np.mean(losses[-max(1, steps // cfg.epochs):])), 5),
+            "constrained_tensors": len(cons), "seconds": round(time.perf_counter() - start, 2),
+            "_loss_curve": [round(v, 5) for v in losses[:: max(1, len(losses) // 200)]],
+        })
+
+    def _pair(self, text: str) -> tuple[str, str]:
+        if text.count("=") != 1:
+            raise PassError(self.name, f"feature {text!r} is not 'student_tensor=teacher_tensor'")
+        s, t = (p.strip() for p in text.split("="))
+        return s, t
+
+    def _soft(self, student, target):
+        import torch.nn.functional as F
+
+        cfg = self.config
+        if cfg.loss == "mse":
+            return F.mse_loss(student, target)
+        if cfg.loss == "cosine":
+            return (1 - F.cosine_similarity(student.reshape(len(student), -1), target.reshape(len(target), -1))).mean()
+        t = cfg.temperature
+        return F.kl_div(F.log_softmax(student / t, dim=-1), F.log_softmax(target / t, dim=-1),
+                        reduction="batchmean", log_target=True) * t * t
+
+
+class _Teacher:
+    """The teacher on ORT: its first output, plus named intermediate tensors."""
+
+    def __init__(self, source: str, features: list[str], where: str):
+        from slimgraph.backends import ort
+        from slimgraph.ir import load
+
+        teacher = load(source)
+        teacher = _with_outputs(teacher, features, where, role="teacher")
+        self.inputs = [v.name for v in teacher.graph.inputs]
+        self.first = teacher.graph.outputs[0].name
+        self.features = features
+        self.session = ort.session(teacher)
+        self._run = ort.run
+
+    def __call__(self, feeds: dict[str, np.ndarray]) -> tuple[np.ndarray, list[np.ndarray]]:
+        missing = [k for k in self.inputs if k not in feeds]
+        if missing:
+            raise PassError("train.distill", f"the teacher needs inputs {missing} that the data lacks")
+        out = self._run(self.session, {k: feeds[k] for k in self.inputs})
+        return out[self.first], [out[f] for f in self.features]
+
+
+def _with_outputs(model: Model, names: list[str], where: str, role: str = "student") -> Model:
+    """A copy of `model` that also outputs the named intermediate tensors."""
+    if not names:
+        return model.clone() if role == "teacher" else model
+    m = model.clone()
+    values = {v.name: v for node in m.graph for v in node.outputs}
+    missing = [n for n in names if n not in values]
+    if missing:
+        raise PassError(where, f"{role} has no tensor(s) {missing} to match features on")
+    for n in names:
+        m.graph.outputs.append(values[n])
+    return m

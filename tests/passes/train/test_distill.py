@@ -1,0 +1,60 @@
+"""train.distill: soft targets from a teacher recover a compressed student without labels."""
+
+import numpy as np
+import pytest
+
+pytest.importorskip("torch")
+
+import slimgraph  # noqa: E402
+from slimgraph import zoo  # noqa: E402
+from slimgraph.backends import ort  # noqa: E402
+from slimgraph.errors import PassError  # noqa: E402
+
+pytestmark = pytest.mark.torch
+
+
+def _top1(model, test):
+    (logits,) = ort.run_batched(model, {"input": test["input"]}).values()
+    return float((logits.argmax(1) == test["labels"]).mean())
+
+
+def test_unlabeled_distillation_recovers_a_pruned_mlp():
+    d, test = zoo.digits_data(), zoo.digits_test_data()
+    teacher = str(zoo.digits_mlp())
+    pruned = slimgraph.run(teacher, "optimize, prune.magnitude(sparsity=0.85, keep_first_last=false, min_size=64)").model
+    student = slimgraph.run(pruned, f"train.distill(teacher='{teacher}', epochs=3, lr=0.002)",
+                            data={"input": d.x_train}).model  # no labels: soft targets only
+    assert _top1(student, test) > _top1(pruned, test) + 0.03
+    w = {n: v.const_value.numpy() for n, v in pruned.graph.initializers.items() if v.const_value.numpy().ndim == 2}
+    for name, before in w.items():
+        assert np.all(student.graph.initializers[name].const_value.numpy()[before == 0] == 0)
+
+
+def test_feature_matching_and_bad_input():
+    d = zoo.digits_data()
+    teacher = str(zoo.digits_mlp())
+    model = slimgraph.load(teacher)
+    hidden = next(n.outputs[0].name for n in model.graph if n.op_type == "Relu")
+    out = slimgraph.run(model, f"train.distill(teacher='{teacher}', epochs=1, features=['{hidden}={hidden}'])",
+                        data={"input": d.x_train[:128]})
+    assert [v.name for v in out.model.graph.outputs] == [v.name for v in model.graph.outputs]
+    with pytest.raises(PassError, match="no tensor"):
+        slimgraph.run(model, f"train.distill(teacher='{teacher}', features=['nope=nope'])", data={"input": d.x_train[:64]})
+    with pytest.raises(PassError, match="labels"):
+        slimgraph.run(model, f"train.distill(teacher='{teacher}', hard_weight=0.5)", data={"input": d.x_train[:64]})
+    with pytest.raises(PassError, match=r"teacher needs inputs \['bytes'\]"):
+        slimgraph.run(zoo.digits_cnn(), f"train.distill(teacher='{zoo.magika_model_path()}')", data={"input": d.x_train[:64]})
+
+
+def test_teacher_and_student_outputs_must_match(tmp_path):
+    import onnx
+    import onnx.helper as oh
+
+    graph = oh.make_graph([oh.make_node("Flatten", ["input"], ["f"]), oh.make_node("MatMul", ["f", "w"], ["y"])], "t",
+                          [oh.make_tensor_value_info("input", onnx.TensorProto.FLOAT, ["N", 1, 8, 8])],
+                          [oh.make_tensor_value_info("y", onnx.TensorProto.FLOAT, ["N", 5])],
+                          [onnx.numpy_helper.from_array(np.ones((64, 5), np.float32), "w")])
+    onnx.save(oh.make_model(graph, opset_imports=[oh.make_opsetid("", 17)]), tmp_path / "t.onnx")
+    with pytest.raises(PassError, match=r"shape \(64, 10\), the teacher's \(64, 5\)"):
+        slimgraph.run(zoo.digits_mlp(), f"train.distill(teacher='{tmp_path / 't.onnx'}')",
+                      data={"input": zoo.digits_data().x_train[:64]})
