@@ -146,17 +146,40 @@ class PruneStructured(Pass):
     def _round(self, kept: float, size: int, unit: int = 1) -> int:
         # a group of attention heads of `unit` channels each rounds heads to what makes
         # whole multiples of channels
+        # kept counts round down: `ratio` is the least fraction removed, so the MAC cut is
+        # never below what the ratio promises (64 channels at 0.3 keep 40, not 48)
         m = self.config.multiple // math.gcd(self.config.multiple, unit)
-        k = max(int(round(kept)), 1)
+        k = max(int(math.floor(kept + 1e-9)), 1)
         if m > 1:
-            k = max(m, int(round(k / m)) * m)
+            k = max(m, (k // m) * m)
         k = max(k, self.config.min_channels)
         return int(min(k, size))
+
+    def _uniform(self, analysis, groups, macs) -> dict[int, int]:
+        """Each group keeps (1 - ratio) of its channels, rounded to the multiple: down first,
+        then back up, group by group (largest rounding loss first), while the model's MACs
+        stay within those of the exact, unrounded ratio. So the MAC cut is at least what the
+        ratio promises (as a per-layer tool such as Torch-Pruning gives) with channel counts
+        that run fast."""
+        keep = 1 - self.config.ratio
+        exact = {g.id: max(1, int(g.size * keep + 1e-9)) for g in groups}  # floor, as per-layer tools keep
+        budget = estimate_macs(analysis, macs, exact)
+        counts = {g.id: self._round(g.size * keep, g.size, g.unit) for g in groups}
+        for g in sorted(groups, key=lambda g: counts[g.id] - g.size * keep):
+            up = self._round(counts[g.id] + self._step(g.unit), g.size, g.unit)
+            if up > counts[g.id] and up <= max(exact[g.id], counts[g.id]) + self._step(g.unit):
+                trial = {**counts, g.id: up}
+                if estimate_macs(analysis, macs, trial) <= budget:
+                    counts = trial
+        return counts
+
+    def _step(self, unit: int) -> int:
+        return max(1, self.config.multiple // math.gcd(self.config.multiple, unit))
 
     def _counts(self, model, analysis, groups, scores, macs) -> dict[int, int]:
         cfg = self.config
         if cfg.mode == "uniform":
-            return {g.id: self._round(g.size * (1 - cfg.ratio), g.size, g.unit) for g in groups}
+            return self._uniform(analysis, groups, macs)
         if cfg.mode == "latency":
             try:
                 from slimgraph.passes.prune import latency
