@@ -1,0 +1,71 @@
+"""prune.gradual: Zhu & Gupta's gradual pruning, with fine-tuning between the steps.
+
+The sparsity (or channel ratio) rises along the cubic schedule
+
+    s_t = s_f + (s_i - s_f) * (1 - t / n)^3,   t = 1 .. n
+
+so most of the pruning happens early, while the network still has capacity to recover,
+and the last steps remove little. After each step `train.finetune` runs `epochs_per_step`
+epochs (pruned zeros stay zero), and a final fine-tune of `final_epochs` follows.
+Unstructured steps call `prune.magnitude`; structured steps call `prune.structured`
+with the step's ratio of the channels that are left (so the kept fraction follows
+1 - s_t overall).
+"""
+
+from __future__ import annotations
+
+from slimgraph.ir.model import Model
+from slimgraph.passes.base import Pass, PassConfig, PassContext, PassResult, choice, float_range, int_range, register_pass
+
+
+def cubic_schedule(final: float, steps: int, initial: float = 0.0) -> list[float]:
+    """Sparsity after each of `steps` steps (the last one is `final`)."""
+    return [final + (initial - final) * (1 - t / steps) ** 3 for t in range(1, steps + 1)]
+
+
+@register_pass
+class PruneGradual(Pass):
+    """Gradual (cubic-schedule) pruning with fine-tuning between steps, unstructured or structured."""
+
+    name = "prune.gradual"
+    exact = False
+    requires = ("data", "labels", "torch")
+    after = ("fold_batchnorm",)
+    before = ("quantize.*", "pack.*", "cluster.*")
+
+    class Config(PassConfig):
+        sparsity: float = float_range(0.0, 0.99, default=0.8)
+        kind: str = choice("unstructured", "structured", default="unstructured")
+        steps: int = int_range(1, 50, default=4)
+        epochs_per_step: int = int_range(1, 100, default=2)
+        final_epochs: int = int_range(0, 1000, default=4)
+        lr: float = float_range(1e-6, 1.0, default=1e-3, log=True)
+        batch_size: int = int_range(1, 4096, default=64, log=True)
+        #: passed to prune.magnitude / prune.structured
+        keep_first_last: bool = True
+        min_size: int = 64
+        multiple: int = int_range(1, 64, default=8)
+        exclude: tuple[str, ...] = ()
+
+    def run(self, model: Model, ctx: PassContext) -> PassResult:
+        from slimgraph.passes.base import get_pass
+
+        cfg = self.config
+        train = dict(lr=cfg.lr, batch_size=cfg.batch_size, schedule="constant")
+        history, kept = [], 1.0
+        for target in cubic_schedule(cfg.sparsity, cfg.steps):
+            if cfg.kind == "unstructured":
+                prune = get_pass("prune.magnitude")(sparsity=target, keep_first_last=cfg.keep_first_last,
+                                                    min_size=cfg.min_size, exclude=cfg.exclude)
+            else:
+                step_ratio = 1 - (1 - target) / kept  # of the channels still there
+                kept = 1 - target
+                prune = get_pass("prune.structured")(ratio=max(0.0, min(step_ratio, 0.99)), multiple=cfg.multiple,
+                                                     exclude=cfg.exclude)
+            prune.run(model, ctx)
+            tuned = get_pass("train.finetune")(epochs=cfg.epochs_per_step, **train).run(model, ctx)
+            history.append({"sparsity": round(target, 4), "loss": tuned.stats["loss_last_epoch"]})
+        if cfg.final_epochs:
+            final = get_pass("train.finetune")(epochs=cfg.final_epochs, lr=cfg.lr, batch_size=cfg.batch_size)
+            final.run(model, ctx)
+        return PassResult(model, True, {"steps": cfg.steps, "final_sparsity": cfg.sparsity, "table": history})

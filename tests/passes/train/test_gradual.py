@@ -1,0 +1,31 @@
+"""prune.gradual: cubic schedule, fine-tuning between steps, final sparsity reached."""
+
+import numpy as np
+import pytest
+
+pytest.importorskip("torch")
+
+import slimgraph  # noqa: E402
+from slimgraph import zoo  # noqa: E402
+from slimgraph.backends import ort  # noqa: E402
+from slimgraph.passes.train.gradual import cubic_schedule  # noqa: E402
+
+pytestmark = pytest.mark.torch
+
+
+def test_cubic_schedule_front_loads_the_pruning():
+    s = cubic_schedule(0.8, 4)
+    assert s[-1] == pytest.approx(0.8) and all(a < b for a, b in zip(s, s[1:]))
+    assert s[0] > 0.8 / 4  # more than a linear share in the first step
+    assert s[1] - s[0] > s[3] - s[2]
+
+
+def test_gradual_unstructured_on_the_mlp():
+    d, test = zoo.digits_data(), zoo.digits_test_data()
+    out = slimgraph.run(zoo.digits_mlp(), "optimize, prune.gradual(sparsity=0.8, steps=2, epochs_per_step=1, final_epochs=2, "
+                        "keep_first_last=false)", data={"input": d.x_train}, labels=d.y_train)
+    weights = [v.const_value.numpy() for v in out.model.graph.initializers.values() if v.const_value.numpy().ndim == 2]
+    assert all(abs(float((w == 0).mean()) - 0.8) < 0.01 for w in weights)
+    (logits,) = ort.run_batched(out.model, {"input": test["input"]}).values()
+    assert float((logits.argmax(1) == test["labels"]).mean()) > 0.93
+    assert [row["sparsity"] for row in out.report.rows[-1].stats["table"]] == [round(v, 4) for v in cubic_schedule(0.8, 2)]
