@@ -613,6 +613,22 @@ if torch is not None:
             self._nodes = [(n, _attrs(n, opset)) for n in model.graph]
             self.input_names = [v.name for v in model.graph.inputs if v.name not in model.graph.initializers]
             self.output_names = [v.name for v in model.graph.outputs]
+            #: value name -> module applied to that value wherever it is produced or read
+            #: from (graph input, constant, node output): fake quantization for QAT
+            self.value_hooks = torch.nn.ModuleDict()
+            self._hooked: dict[str, str] = {}
+
+        def hook(self, value_name: str, module) -> None:
+            """Apply `module` to the value `value_name` each time it is computed."""
+            key = _safe(value_name)
+            while key in self.value_hooks and self._hooked.get(value_name) != key:
+                key += "_"
+            self.value_hooks[key] = module
+            self._hooked[value_name] = key
+
+        def _hooked_value(self, name: str, x):
+            key = self._hooked.get(name)
+            return x if key is None else self.value_hooks[key](x)
 
         def constant(self, name: str):
             key = self._const_names[name]
@@ -626,9 +642,11 @@ if torch is not None:
             missing = [n for n in self.input_names if n not in env]
             if missing:
                 raise PipelineError(f"torch executor: inputs {missing} not given (the model takes {self.input_names})")
+            for name in self.input_names:
+                env[name] = self._hooked_value(name, env[name])
             for name in self._const_names:
                 if name not in env:
-                    env[name] = self.constant(name)
+                    env[name] = self._hooked_value(name, self.constant(name))
             for node, attrs in self._nodes:
                 inputs = [None if v is None or not v.name else env[v.name] for v in node.inputs]
                 try:
@@ -640,7 +658,7 @@ if torch is not None:
                 outs = result if isinstance(result, tuple) else (result,)
                 for value, out in zip(node.outputs, outs):
                     if value is not None and value.name:
-                        env[value.name] = out
+                        env[value.name] = self._hooked_value(value.name, out)
             if as_dict:
                 return {n: env[n] for n in self.output_names}
             return tuple(env[n] for n in self.output_names)

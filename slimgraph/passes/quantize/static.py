@@ -342,8 +342,9 @@ class StaticQuantize(Pass):
         activation_dtype: str = choice("uint8", "int8", default="uint8")
         activation_symmetric: bool = choice(False, True, default=False)
         weight_dtype: str = choice("int8", "uint8", default="int8")
-        #: "auto": 7 on x86 CPUs without VNNI for kernels that would saturate, else 8
-        weight_bits: str | int = choice("auto", 7, 8, default="auto")
+        #: "auto": 7 on x86 CPUs without VNNI for kernels that would saturate, else 8; 4: 4-bit
+        #: values in int8 containers (what train.qat with bits=4 trains for)
+        weight_bits: str | int = choice("auto", 4, 7, 8, default="auto")
         format: str = choice("qoperator", "qdq", default="qoperator")
         #: op types to quantize (None: every op slimgraph can lower)
         op_types: tuple[str, ...] | None = None
