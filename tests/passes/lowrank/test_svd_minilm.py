@@ -17,7 +17,7 @@ pytestmark = pytest.mark.slow
 def minilm():
     sentences = zoo.minilm_sentences(96, seed=4)
     held = set(sentences)
-    calib = zoo.minilm_inputs([s for s in zoo.minilm_sentences(160, seed=5) if s not in held][:32])
+    calib = zoo.minilm_inputs([s for s in zoo.minilm_sentences(160, seed=5) if s not in held][:64])
     base = slimgraph.run(zoo.minilm(), "optimize").model
     feeds = zoo.minilm_inputs(sentences)
     return base, calib, feeds, ort.run_batched(base, feeds)[zoo.MINILM_OUTPUT]
@@ -27,14 +27,17 @@ def _cosine(model, feeds, reference) -> np.ndarray:
     return zoo.minilm_fidelity(reference, ort.run_batched(model, feeds)[zoo.MINILM_OUTPUT])
 
 
-def test_output_budget_keeps_the_embeddings(minilm):
+def test_output_budget_of_5_percent_per_layer(minilm):
+    """Whitened SVD at a 5% layer-output budget (benchmarks/results/lowrank.md: 12 of 36
+    layers, 19% fewer weights, mean cosine 0.91 on 500 sentences): per-layer errors add up
+    over 6 blocks, so the embedding keeps less fidelity than any one layer."""
     base, calib, feeds, reference = minilm
-    out = slimgraph.run(base, "lowrank.svd(max_error=0.02, samples=32)", data=calib)
+    out = slimgraph.run(base, "lowrank.svd(max_error=0.05)", data=calib)
     stats = out.report.rows[-1].stats
-    assert stats["factorized"] >= 1 and stats["params_after"] < stats["params_before"]
-    assert all(float(r["output error"]) <= 0.02 for r in stats["table"] if r["result"] == "factorized")
+    assert stats["factorized"] >= 6 and stats["params_after"] <= 0.9 * stats["params_before"]
+    assert all(float(r["output error"]) <= 0.05 for r in stats["table"] if r["result"] == "factorized")
     cos = _cosine(out.model, feeds, reference)
-    assert cos.mean() >= MIN_COSINE_002, cos.mean()
+    assert 0.85 <= cos.mean() < 0.99, cos.mean()
 
 
 def test_energy_90_factorizes_only_where_smaller(minilm):
