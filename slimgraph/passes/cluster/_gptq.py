@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from slimgraph.passes.quantize.weight_only import inverse_hessian_factor
+
 
 def nearest(values: np.ndarray, books: np.ndarray) -> np.ndarray:
     """For values [N] and per-row sorted codebooks [N, K]: the nearest codebook entry per row."""
@@ -24,13 +26,8 @@ def gptq_codebook(w: np.ndarray, hessian: np.ndarray, books: np.ndarray, *, damp
     k, n = w.shape
     W = w.T.astype(np.float64).copy()  # [N, K]
     zero = (W == 0) if keep_zeros else np.zeros_like(W, bool)
-    H = hessian.astype(np.float64).copy()
-    dead = np.diag(H) <= 0
-    H[dead, dead] = 1.0
+    U, dead = inverse_hessian_factor(hessian, damp)
     W[:, dead] = 0.0
-    H[np.diag_indices(k)] += damp * np.mean(np.diag(H))
-    hinv = np.linalg.inv(np.linalg.cholesky(H))
-    U = np.linalg.cholesky(hinv.T @ hinv).T  # upper Cholesky factor of H^-1
     Q = np.zeros_like(W)
     block = 128
     for i1 in range(0, k, block):

@@ -39,12 +39,12 @@ class Target:
     def input_axis(self) -> int | None:
         """The weight axis that multiplies the layer input's channels (None: embeddings,
         grouped convolutions, transposed activations)."""
+        from slimgraph.passes.prune._targets import reduction_axis
+
         node = self.node
-        if self.op == "Conv":
-            return 1 if node.attributes.get_int("group", 1) == 1 else None
-        if self.op == "Gemm":
-            return None if node.attributes.get_int("transA", 0) else (1 if node.attributes.get_int("transB", 0) else 0)
-        return self.array.ndim - 2 if self.op == "MatMul" else None
+        if node.attributes.get_int("group", 1) != 1 or node.attributes.get_int("transA", 0) or self.op == "ConvTranspose":
+            return None
+        return reduction_axis(node, self.array.ndim)
 
     def rows(self, granularity: str) -> np.ndarray:
         """[R, n] view for k-means: one row per output channel, or a single row."""

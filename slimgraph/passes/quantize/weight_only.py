@@ -110,6 +110,17 @@ def _group_params(w: np.ndarray, bits: int, symmetric: bool) -> tuple[np.ndarray
     return scale, np.clip(np.round(-lo / scale), 0, qmax)
 
 
+def inverse_hessian_factor(hessian: np.ndarray, damp: float = 0.01) -> tuple[np.ndarray, np.ndarray]:
+    """(upper Cholesky factor of the damped H^-1, mask of dead inputs) for GPTQ: inputs that
+    never fire get H = 1 on the diagonal (their weights are zeroed by the caller)."""
+    H = hessian.astype(np.float64).copy()
+    dead = np.diag(H) <= 0
+    H[dead, dead] = 1.0
+    H[np.diag_indices(len(H))] += damp * np.mean(np.diag(H))
+    hinv = np.linalg.inv(np.linalg.cholesky(H))
+    return np.linalg.cholesky(hinv.T @ hinv).T, dead
+
+
 def gptq(w: np.ndarray, hessian: np.ndarray, *, bits: int, block_size: int, symmetric: bool,
          damp: float = 0.01) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """GPTQ (Frantar et al., 2022) for a layer x @ w, w [K, N], with H = E[x x^T] [K, K]:
@@ -121,13 +132,8 @@ def gptq(w: np.ndarray, hessian: np.ndarray, *, bits: int, block_size: int, symm
     k, n = w.shape
     qmax = (1 << bits) - 1
     W = w.T.astype(np.float64).copy()  # [N, K]
-    H = hessian.astype(np.float64).copy()
-    dead = np.diag(H) <= 0
-    H[dead, dead] = 1.0
+    U, dead = inverse_hessian_factor(hessian, damp)
     W[:, dead] = 0.0
-    H[np.diag_indices(k)] += damp * np.mean(np.diag(H))
-    hinv = np.linalg.inv(np.linalg.cholesky(H))
-    U = np.linalg.cholesky(hinv.T @ hinv).T  # upper factor of H^-1
     codes = np.zeros((n, k), np.uint8)
     scales = np.zeros((n, k // block_size))
     zeros = np.zeros((n, k // block_size))
