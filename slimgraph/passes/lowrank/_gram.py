@@ -17,6 +17,9 @@ from numpy.lib.stride_tricks import sliding_window_view
 
 from slimgraph.ir.model import Model
 
+#: Bound on one im2col block (float64) while accumulating a Conv's Gram.
+PATCH_BYTES = 64 * 2**20
+
 
 @dataclasses.dataclass(frozen=True)
 class Geometry:
@@ -62,8 +65,17 @@ def input_grams(model: Model, layers: Sequence[tuple[str, Geometry | None]], dat
     for _, feeds, outputs in stream(model, subset, observed, progress=progress,
                                     description=f"{where}: layer inputs", where=where):
         for name, geometry in keys:
-            x = outputs[name] if name in outputs else feeds[name]
-            for one in np.split(x, len(x)) if geometry is not None and x.ndim > 1 else [x]:
-                p = rows(np.asarray(one, np.float32), geometry).astype(np.float64)
+            x = np.asarray(outputs[name] if name in outputs else feeds[name], np.float32)
+            for part in _chunks(x, geometry):
+                p = rows(part, geometry).astype(np.float64)
                 grams[(name, geometry)] = grams.get((name, geometry), 0.0) + p.T @ p
     return grams
+
+
+def _chunks(x: np.ndarray, geometry: Geometry | None) -> list[np.ndarray]:
+    """x split along the batch so that one chunk's im2col stays under PATCH_BYTES."""
+    if geometry is None or x.ndim < 2 or len(x) < 2:
+        return [x]
+    per_sample = x[0].size * int(np.prod(geometry.kernel)) * 8 / int(np.prod(geometry.strides))
+    step = max(1, int(PATCH_BYTES // max(per_sample, 1)))
+    return [x[i:i + step] for i in range(0, len(x), step)]
