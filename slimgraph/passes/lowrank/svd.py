@@ -209,7 +209,8 @@ class LowRankSVD(Pass):
         kind = self.config.conv
         if kind == "spatial" and nd != 2:
             return "spatial SVD needs a 2-D Conv"
-        pads = attrs.get_ints("pads", [0] * 2 * nd) if attrs.get_string("auto_pad", "NOTSET") == "NOTSET" else [0] * 2 * nd
+        no_pads = [0] * 2 * nd
+        pads = attrs.get_ints("pads", no_pads) if attrs.get_string("auto_pad", "NOTSET") == "NOTSET" else no_pads
         geometry = Geometry(tuple(w.shape[2:]), tuple(attrs.get_ints("strides", [1] * nd)), tuple(pads),
                             tuple(attrs.get_ints("dilations", [1] * nd)))
         return Candidate(node.name or node.outputs[0].name or "Conv", "Conv", kind, [node], w, bias, geometry)
