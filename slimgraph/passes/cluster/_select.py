@@ -135,3 +135,12 @@ def packed_shapes(model: Model) -> set[tuple[int, ...]]:
         if mark and node.outputs[0].name == mark.split(":", 1)[1] and node.outputs[0].shape is not None:
             shapes.add(tuple(node.outputs[0].shape))
     return shapes
+
+
+def prepend(model: Model, nodes: list[ir.Node]) -> None:
+    """Put decode nodes at the start of the graph (their inputs are all initializers)."""
+    first = next(iter(model.graph), None)
+    if first is None:
+        model.graph.extend(nodes)
+    else:
+        model.graph.insert_before(first, nodes)

@@ -24,7 +24,7 @@ import onnx_ir as ir
 
 from slimgraph.ir.model import Model
 from slimgraph.passes.base import Pass, PassConfig, PassResult, choice, float_range, register_pass
-from slimgraph.passes.cluster._select import PACK_KEY, select
+from slimgraph.passes.cluster._select import PACK_KEY, prepend, select
 from slimgraph.passes.quantize._weights import _attr
 
 HASH_PRIME = 2_147_483_647  # 2^31 - 1: i * a stays below 2^62 for n < 2^31
@@ -118,8 +118,7 @@ class ClusterShare(Pass):
             rows.append({"layer": t.layer, "shape": "x".join(map(str, t.array.shape)), "buckets": buckets,
                          "bytes": f"{t.array.nbytes} -> {values.astype(t.array.dtype).nbytes}",
                          "rel. error": f"{err:.4f}"})
-        first = next(iter(model.graph))
-        model.graph.insert_before(first, nodes)
+        prepend(model, nodes)
         return PassResult(model, True, {"hashed": len(rows), "table": rows})
 
 

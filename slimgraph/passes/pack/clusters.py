@@ -29,7 +29,7 @@ import onnx_ir as ir
 
 from slimgraph.ir.model import Model
 from slimgraph.passes.base import Pass, PassConfig, PassResult, int_range, register_pass
-from slimgraph.passes.cluster._select import PACK_KEY, distinct_per_row
+from slimgraph.passes.cluster._select import PACK_KEY, distinct_per_row, prepend
 from slimgraph.passes.quantize._weights import _attr
 
 KIND = "clusters"
@@ -221,11 +221,7 @@ class PackClusters(Pass):
                           "bytes": f"{array.nbytes} -> {size}"})
         if not table:
             return PassResult(model, False, {"packed": 0})
-        first = next(iter(model.graph), None)
-        if first is None:
-            model.graph.extend(builder.nodes)
-        else:
-            model.graph.insert_before(first, builder.nodes)
+        prepend(model, builder.nodes)
         return PassResult(model, True, {"packed": len(table), "bytes": f"{before} -> {after}", "table": table})
 
     @staticmethod

@@ -41,7 +41,7 @@ import onnx_ir as ir
 from slimgraph.errors import PassError
 from slimgraph.ir.model import Model
 from slimgraph.passes.base import Pass, PassConfig, PassResult, float_range, int_range, register_pass
-from slimgraph.passes.cluster._select import PACK_KEY
+from slimgraph.passes.cluster._select import PACK_KEY, prepend
 from slimgraph.passes.pack.unpack import pack_nodes
 from slimgraph.passes.quantize._weights import _attr
 
@@ -186,10 +186,6 @@ class PackSparse(Pass):
                           "zeros": f"{sparsity:.1%}", "bytes": f"{array.nbytes} -> {size}"})
         if not table:
             return PassResult(model, False, {"packed": 0})
-        first = next(iter(model.graph), None)
-        if first is None:
-            model.graph.extend(builder.nodes)
-        else:
-            model.graph.insert_before(first, builder.nodes)
+        prepend(model, builder.nodes)
         return PassResult(model, True, {"packed": len(table), "bytes": f"{before} -> {after}",
                                         "ratio": round(before / max(after, 1), 2), "table": table})

@@ -48,6 +48,7 @@ _OPS = {
     "Mod": lambda n, a, b: np.fmod(a, b) if n.attributes.get_int("fmod", 0) else np.mod(a, b),
     "Add": lambda n, a, b: a + b,
     "Transpose": lambda n, x: np.transpose(x, n.attributes.get_ints("perm", None)),
+    "Range": lambda n, start, limit, delta: np.arange(start, limit, delta, dtype=start.dtype),  # cluster.share(hashed)
 }
 
 

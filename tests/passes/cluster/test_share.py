@@ -64,3 +64,13 @@ def test_hashed_sharing_stores_buckets_and_ort_rebuilds_the_weights(tmp_path):
     opt = tmp_path / "opt.onnx"
     ort.session(path, optimized_model_path=opt)
     assert [n.op_type for n in onnx.load(opt).graph.node] == ["MatMul", "MatMul"]  # folded at load
+
+
+def test_hashed_weights_unpack_to_the_same_dense_values():
+    rng = np.random.default_rng(1)
+    m = _chain([rng.standard_normal((32, 32)).astype(np.float32) for _ in range(2)])
+    hashed = slimgraph.run(m, "cluster.share(hashed=true)").model
+    dense = slimgraph.run(hashed, "unpack").model
+    assert {n.op_type for n in dense.graph} == {"MatMul"}
+    x = {"x": rng.standard_normal((2, 32)).astype(np.float32)}
+    np.testing.assert_allclose(ort.run(ort.session(dense), x)["h1"], ort.run(ort.session(hashed), x)["h1"], rtol=1e-6)
