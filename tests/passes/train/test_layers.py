@@ -20,7 +20,8 @@ def test_kept_layers_indices_and_bad_input():
     assert kept_layers(6, keep_every=2) == [0, 2, 4]
     assert kept_layers(6, keep_every=3) == [0, 3]
     assert kept_layers(6, keep=[1, 5]) == [1, 5]
-    for kwargs in ({}, {"keep_every": 2, "keep": [0]}, {"keep_every": 0}, {"keep": [0, 6]}, {"keep": [2, 1]}, {"keep": []}):
+    bad = ({}, {"keep_every": 2, "keep": [0]}, {"keep_every": 0}, {"keep": [0, 6]}, {"keep": [2, 1]}, {"keep": []})
+    for kwargs in bad:
         with pytest.raises(SlimgraphError):
             kept_layers(6, **kwargs)
 
