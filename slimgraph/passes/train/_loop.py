@@ -115,6 +115,19 @@ def optimizer(params, name: str, lr: float, weight_decay: float, steps: int, sch
     return opt, sched
 
 
+def step(module, loss, opt, sched, cons: dict[str, Constraint], index: int, where: str) -> float:
+    """One optimizer step that keeps the constraints; returns the loss value (stops on NaN)."""
+    value = float(loss.detach())
+    check_loss(value, index, where)
+    opt.zero_grad()
+    loss.backward()
+    mask_gradients(module, cons)
+    opt.step()
+    sched.step()
+    apply_constraints(module, cons)
+    return value
+
+
 def check_loss(loss: float, step: int, where: str) -> None:
     if not math.isfinite(loss):
         raise PassError(where, f"training diverged at step {step} (loss {loss}); lower lr (the input model is untouched)")

@@ -71,14 +71,7 @@ class Finetune(Pass):
                 inputs = {k: torch.from_numpy(np.ascontiguousarray(v)).to(dev) for k, v in feeds.items()}
                 pred = module(**inputs)[out_index]
                 loss = loss_fn(pred, torch.from_numpy(y).to(dev))
-                value = float(loss.detach())
-                _loop.check_loss(value, step, self.name)
-                opt.zero_grad()
-                loss.backward()
-                _loop.mask_gradients(module, cons)
-                opt.step()
-                sched.step()
-                _loop.apply_constraints(module, cons)
+                value = _loop.step(module, loss, opt, sched, cons, step, self.name)
                 losses.append(value)
                 update(value)
         trained = module.cpu().to_model()

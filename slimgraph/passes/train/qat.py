@@ -142,14 +142,7 @@ class QuantizationAwareTraining(Pass):
                 inputs = {k: torch.from_numpy(np.ascontiguousarray(v)).to(dev) for k, v in feeds.items()}
                 pred = module(**inputs)[0]
                 loss = torch.nn.functional.cross_entropy(pred.reshape(len(y), -1), torch.from_numpy(y).to(dev).long())
-                value = float(loss.detach())
-                _loop.check_loss(value, step, self.name)
-                opt.zero_grad()
-                loss.backward()
-                _loop.mask_gradients(module, cons)
-                opt.step()
-                sched.step()
-                _loop.apply_constraints(module, cons)
+                value = _loop.step(module, loss, opt, sched, cons, step, self.name)
                 losses.append(value)
                 update(value)
         module.cpu()
