@@ -76,7 +76,7 @@ class ClusterKMeans(Pass):
         stats = self._statistics(model, ctx, targets)
         table, records = [], []
         total_before = total_after = 0
-        for t in targets:
+        for t in _progress(targets, ctx.progress, f"{self.name}: k={cfg.k}"):
             if cfg.k > t.array.size:
                 raise PassError(self.name, f"k={cfg.k} is larger than the {t.array.size} weights of layer "
                                 f"{t.layer!r} (weight {t.value.name!r}); lower k or exclude the layer")
@@ -176,6 +176,22 @@ class ClusterKMeans(Pass):
         if keep_zero:
             out = np.where(labels < 0, 0.0, out)
         return out.astype(rows.dtype), centroids
+
+
+def _progress(targets: list[Target], enabled: bool, description: str):
+    """Iterate over the layers with a rich progress bar weighted by their sizes."""
+    if not enabled:
+        yield from targets
+        return
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    with Progress(TextColumn("[bold]{task.description}"), BarColumn(), TextColumn("{task.fields[layer]}"),
+                  TimeElapsedColumn(), TimeRemainingColumn(), transient=True) as bar:
+        task = bar.add_task(description, total=sum(t.array.size for t in targets), layer="")
+        for t in targets:
+            bar.update(task, layer=t.layer[-40:])
+            yield t
+            bar.update(task, advance=t.array.size)
 
 
 def _is_matrix(targets: list[Target], name: str) -> bool:
