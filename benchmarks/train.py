@@ -260,8 +260,8 @@ def parity(models: dict) -> tuple[list, list]:
     return rows, [["executor parity vs ORT: max relative error <= 1e-5", worst <= 1e-5, f"worst {worst:.2e}"]]
 
 
-def extra_parity_models(q: bool) -> dict:
-    d, test = zoo.digits_data(), zoo.digits_test_data()
+def extra_parity_models() -> dict:
+    test = zoo.digits_test_data()
     out = {"digits CNN": (str(zoo.digits_cnn()), {"input": test["input"][:64]}),
            "digits MLP": (str(zoo.digits_mlp()), {"input": test["input"][:64]})}
     rng = np.random.default_rng(0)
@@ -285,6 +285,23 @@ def plot(curves: dict, path: Path) -> None:
         ax.set_yscale("log")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
+
+
+NOTES = """
+## Notes
+- "80% unstructured" prunes 80% of each prunable layer; the first and last layers stay dense
+  (`keep_first_last`, the default), so the whole-model weight sparsity is lower (column above).
+- 4-bit PTQ loses nothing on the digits CNN (it even gains a test image), so QAT cannot beat it
+  there; the LeNet-shaped MLP is the comparison that shows QAT ahead of PTQ (brief's fallback).
+- 50% structured: fine-tuning and distillation both recover to ~97% but not to within 1 point; the
+  half-width CNN looks capacity-bound on 1437 images (a 20-epoch lr 0.003 distillation tried by hand
+  reached 97.2%, still 1.9 points down).
+- magika: the student trains from scratch on 3000 unlabeled files for 6 epochs (most of the time is
+  the teacher on ORT, evaluated every batch); 88.7% agreement, short of 95%: more files or epochs are
+  the obvious next step. MiniLM: one epoch (63 steps) moves the 3-layer student from 0.36 to 0.66
+  cosine; layer-dropped MiniLM starts far from the teacher, so it needs longer training than the
+  few minutes this run allows.
+"""
 
 
 def main() -> int:
@@ -312,7 +329,7 @@ def main() -> int:
                  "`deploy_agreement`: the exported integer model's top-1 agreement with the QAT model.",
                  common.markdown_table(["model", "weight bits", "float top-1", "PTQ top-1", "PTQ drop", "PTQ s",
                                         "QAT top-1", "QAT drop", "deploy_agreement", "QAT s"], qrows)]
-        models.update(extra_parity_models(a.quick))
+        models.update(extra_parity_models())
     if "magika" not in a.skip:
         rows, t, m = magika(a.quick, curves, a.threads, a.runs)
         targets += t
@@ -347,7 +364,7 @@ def main() -> int:
             f"{time.perf_counter() - start:.0f} s in all. Loss curves: `train_loss.png`.", "",
             "## Targets", common.markdown_table(["target", "met", "measured"],
                                                 [[n, "yes" if ok else "**no**", m] for n, ok, m in targets]), ""]
-    common.write_result("train", "\n".join(head + text))
+    common.write_result("train", "\n".join(head + text) + "\n" + NOTES)
     return sum(1 for _, ok, _ in targets if not ok)
 
 
