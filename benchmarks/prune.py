@@ -290,26 +290,12 @@ def digits(runs: int) -> list[Variant]:
 
 
 def train_digits(torch, data):
-    """`zoo._train_digits_cnn_torch`'s training (same seed, schedule and epochs), keeping
-    the torch module; the export of the result is cached by the caller's path."""
+    """`zoo.digits_cnn`'s training (same seed, schedule and epochs, one thread), keeping the
+    torch module; the export of the result is cached by the caller's path."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        torch.manual_seed(zoo.DIGITS_SEED)
-        net = zoo._digits_module(torch)
-        epochs, batch = 12, 64
-        x, y = torch.from_numpy(data.x_train), torch.from_numpy(data.y_train)
-        opt = torch.optim.AdamW(net.parameters(), lr=3e-3, weight_decay=1e-4)
-        sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=1e-2, total_steps=epochs * -(-len(x) // batch))
-        gen = torch.Generator().manual_seed(zoo.DIGITS_SEED)
-        net.train()
-        for _ in range(epochs):
-            for idx in torch.randperm(len(x), generator=gen).split(batch):
-                opt.zero_grad()
-                torch.nn.functional.cross_entropy(net(x[idx]), y[idx]).backward()
-                opt.step()
-                sched.step()
-        return net.eval()
+        return zoo.fit_digits(torch, data)
     finally:
         torch.set_num_threads(threads)
 

@@ -402,16 +402,15 @@ def _train_digits_cnn(data: Digits, epochs: int = 12, batch: int = 64, build=Non
         torch.set_num_threads(threads)
 
 
-def _train_digits_cnn_torch(torch, data: Digits, epochs: int, batch: int, build=None):
-    from slimgraph.ir.torch_import import from_torch
-
+def fit_digits(torch, data: Digits, epochs: int = 12, batch: int = 64, build=None):
+    """The seeded training of the digits models, returning the trained torch module (eval
+    mode): what `digits_cnn` exports, for tools that need the module itself (Torch-Pruning)."""
     torch.manual_seed(DIGITS_SEED)
     net = (build or _digits_module)(torch)
     x, y = torch.from_numpy(data.x_train), torch.from_numpy(data.y_train)
     opt = torch.optim.AdamW(net.parameters(), lr=3e-3, weight_decay=1e-4)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=1e-2, total_steps=epochs * -(-len(x) // batch))
     gen = torch.Generator().manual_seed(DIGITS_SEED)
-    start = time.perf_counter()
     net.train()
     for _ in range(epochs):
         for idx in torch.randperm(len(x), generator=gen).split(batch):
@@ -419,8 +418,15 @@ def _train_digits_cnn_torch(torch, data: Digits, epochs: int, batch: int, build=
             torch.nn.functional.cross_entropy(net(x[idx]), y[idx]).backward()
             opt.step()
             sched.step()
+    return net.eval()
+
+
+def _train_digits_cnn_torch(torch, data: Digits, epochs: int, batch: int, build=None):
+    from slimgraph.ir.torch_import import from_torch
+
+    start = time.perf_counter()
+    net = fit_digits(torch, data, epochs, batch, build)
     seconds = time.perf_counter() - start
-    net.eval()
     with torch.no_grad():
         top1 = float((net(torch.from_numpy(data.x_test)).argmax(1).numpy() == data.y_test).mean())
     model = from_torch(net, (torch.from_numpy(data.x_test[:2]),), input_names=[DIGITS_INPUT],
