@@ -29,8 +29,8 @@ import onnx_ir as ir
 
 from slimgraph.ir.model import Model
 from slimgraph.passes.base import Pass, PassConfig, PassResult, int_range, register_pass
-from slimgraph.passes.cluster._select import PACK_KEY, distinct_per_row, prepend
-from slimgraph.passes.quantize._weights import _attr
+from slimgraph.passes.cluster._select import distinct_per_row, prepend
+from slimgraph.passes.pack._decode import DecodeBuilder
 
 KIND = "clusters"
 PACKABLE = {np.dtype(t) for t in (np.float32, np.float16, np.int8, np.uint8)}
@@ -97,46 +97,10 @@ def _axis_of(model: Model, value: ir.Value) -> int | None:
     return axes.pop() if len(axes) == 1 else None
 
 
-class _Builder:
+class _Builder(DecodeBuilder):
     def __init__(self, model: Model):
-        self.model, self.graph = model, model.graph
+        super().__init__(model, KIND, "pk")
         self.tables: dict[int, ir.Value] = {}
-        self.nodes: list[ir.Node] = []
-        self._taken: set[str] | None = None
-        self._count = 0
-
-    def init(self, array: np.ndarray, name: str) -> ir.Value:
-        name = self._fresh(name)
-        t = ir.tensor(np.ascontiguousarray(array), name=name)
-        v = ir.Value(name=name, const_value=t, shape=ir.Shape(t.shape), type=ir.TensorType(t.dtype))
-        self.graph.register_initializer(v)
-        return v
-
-    def _fresh(self, base: str) -> str:
-        name, i = base, 0
-        while name in self.graph.initializers:
-            i += 1
-            name = f"{base}_{i}"
-        return name
-
-    def node(self, op: str, inputs: list[ir.Value], target: str, out_name: str | None = None, **attrs) -> ir.Value:
-        """A decode node with a short name (they add up in small files); the final node, the
-        one producing `out_name`, carries the PACK_KEY mark `unpack` starts from."""
-        short = self._fresh_name()
-        node = ir.Node("", op, inputs, [_attr(k, v) for k, v in attrs.items()], name=short)
-        if out_name is not None:
-            node.metadata_props[PACK_KEY] = f"{KIND}:{target}"
-        node.outputs[0].name = out_name or short
-        self.nodes.append(node)
-        return node.outputs[0]
-
-    def _fresh_name(self) -> str:
-        if self._taken is None:
-            self._taken = {n.name for n in self.graph} | {v.name for n in self.graph for v in n.outputs}
-        while f"pk{self._count}" in self._taken:
-            self._count += 1
-        self._taken.add(name := f"pk{self._count}")
-        return name
 
     def table(self, bits: int) -> ir.Value:
         if bits not in self.tables:

@@ -41,9 +41,9 @@ import onnx_ir as ir
 from slimgraph.errors import PassError
 from slimgraph.ir.model import Model
 from slimgraph.passes.base import Pass, PassConfig, PassResult, float_range, int_range, register_pass
-from slimgraph.passes.cluster._select import PACK_KEY, prepend
+from slimgraph.passes.cluster._select import prepend
+from slimgraph.passes.pack._decode import DecodeBuilder
 from slimgraph.passes.pack.unpack import pack_nodes
-from slimgraph.passes.quantize._weights import _attr
 
 KIND = "sparse"
 PACKABLE = {np.dtype(t) for t in (np.float32, np.float16, np.float64, np.int8, np.uint8)}
@@ -82,45 +82,9 @@ def rebuild(mask: np.ndarray, values: np.ndarray, shape: tuple[int, ...]) -> np.
     return values[np.cumsum(bits) * bits].reshape(shape)
 
 
-class _Builder:
+class _Builder(DecodeBuilder):
     def __init__(self, model: Model):
-        self.graph = model.graph
-        self.nodes: list[ir.Node] = []
-        self._shared: dict[str, ir.Value] = {}
-        self._taken: set[str] | None = None
-        self._count = 0
-
-    def init(self, array: np.ndarray, name: str) -> ir.Value:
-        base, i = name, 0
-        while name in self.graph.initializers:
-            i += 1
-            name = f"{base}_{i}"
-        t = ir.tensor(np.asarray(array, order="C"), name=name)
-        v = ir.Value(name=name, const_value=t, shape=ir.Shape(t.shape), type=ir.TensorType(t.dtype))
-        self.graph.register_initializer(v)
-        return v
-
-    def constant(self, array: np.ndarray, name: str) -> ir.Value:
-        """A small constant shared by every decode subgraph of this run."""
-        if name not in self._shared:
-            self._shared[name] = self.init(array, name)
-        return self._shared[name]
-
-    def node(self, op: str, inputs: list[ir.Value], target: str, out_name: str | None = None, **attrs) -> ir.Value:
-        """A decode node with a short name (names add up in small files); the last one, producing
-        the weight (`out_name`), carries the PACK_KEY mark `unpack` starts from."""
-        if self._taken is None:
-            self._taken = {n.name for n in self.graph} | {v.name for n in self.graph for v in n.outputs}
-        while f"ps{self._count}" in self._taken:
-            self._count += 1
-        short = f"ps{self._count}"
-        self._taken.add(short)
-        node = ir.Node("", op, inputs, [_attr(k, v) for k, v in attrs.items()], name=short)
-        if out_name is not None:
-            node.metadata_props[PACK_KEY] = f"{KIND}:{target}"
-        node.outputs[0].name = out_name or short
-        self.nodes.append(node)
-        return node.outputs[0]
+        super().__init__(model, KIND, "ps")
 
     def decode(self, name: str, shape: tuple[int, ...], mask: np.ndarray, values: np.ndarray) -> ir.Value:
         n = int(np.prod(shape))
