@@ -23,7 +23,7 @@ import numpy as np
 from slimgraph.errors import PassError
 from slimgraph.ir.model import Model
 from slimgraph.passes import contracts
-from slimgraph.passes.base import PassContext
+from slimgraph.passes.base import PassConfig, PassContext, choice, float_range, int_range
 
 
 @dataclasses.dataclass
@@ -168,3 +168,31 @@ def device(name: str) -> str:
     if name == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     return name
+
+
+class TrainConfig(PassConfig):
+    """The optimisation settings every training pass takes."""
+
+    epochs: int = int_range(1, 1000, default=5)
+    lr: float = float_range(1e-6, 1.0, default=1e-3, log=True)
+    batch_size: int = int_range(1, 4096, default=64, log=True)
+    optimizer: str = choice("adamw", "sgd", default="adamw")
+    schedule: str = choice("cosine", "onecycle", "constant", default="cosine")
+    weight_decay: float = float_range(0.0, 0.1, default=0.0)
+    device: str = choice("auto", "cpu", "cuda", default="auto")
+
+
+def tensors(feeds: dict[str, np.ndarray], dev: str) -> dict:
+    import torch
+
+    return {k: torch.from_numpy(np.ascontiguousarray(v)).to(dev) for k, v in feeds.items()}
+
+
+def summary(losses: list[float], steps: int, epochs: int, start: float) -> dict:
+    """The statistics every training pass reports (the loss curve hidden from the table)."""
+    import time
+
+    return {"steps": steps, "loss_first": round(losses[0], 5),
+            "loss_last_epoch": round(float(np.mean(losses[-max(1, steps // epochs):])), 5),
+            "seconds": round(time.perf_counter() - start, 2),
+            "_loss_curve": [round(v, 5) for v in losses[:: max(1, len(losses) // 200)]]}

@@ -24,7 +24,7 @@ import numpy as np
 
 from slimgraph.errors import PassError
 from slimgraph.ir.model import Model
-from slimgraph.passes.base import Pass, PassConfig, PassContext, PassResult, choice, float_range, int_range, register_pass
+from slimgraph.passes.base import Pass, PassContext, PassResult, choice, float_range, register_pass
 from slimgraph.passes.train import _loop
 
 
@@ -38,7 +38,7 @@ class Distill(Pass):
     after = ("fold_batchnorm",)
     before = ("quantize.*", "pack.*")
 
-    class Config(PassConfig):
+    class Config(_loop.TrainConfig):
         #: the teacher: a model path (ONNX), evaluated with ONNX Runtime
         teacher: str
         temperature: float = float_range(1.0, 20.0, default=4.0)
@@ -49,13 +49,6 @@ class Distill(Pass):
         #: intermediate tensors matched by MSE: "student_tensor=teacher_tensor"
         features: tuple[str, ...] = ()
         feature_weight: float = float_range(0.0, 100.0, default=1.0)
-        epochs: int = int_range(1, 1000, default=5)
-        lr: float = float_range(1e-6, 1.0, default=1e-3, log=True)
-        batch_size: int = int_range(1, 4096, default=64, log=True)
-        optimizer: str = choice("adamw", "sgd", default="adamw")
-        schedule: str = choice("cosine", "onecycle", "constant", default="cosine")
-        weight_decay: float = float_range(0.0, 0.1, default=0.0)
-        device: str = choice("auto", "cpu", "cuda", default="auto")
 
     def run(self, model: Model, ctx: PassContext) -> PassResult:
         import torch
@@ -82,7 +75,7 @@ class Distill(Pass):
         with _loop.progress(ctx.progress, steps, self.name) as update:
             for step, (feeds, y) in enumerate(_loop.batches(data, labels, cfg.batch_size, cfg.epochs, rng)):
                 t_out, t_feats = teacher(feeds)
-                inputs = {k: torch.from_numpy(np.ascontiguousarray(v)).to(dev) for k, v in feeds.items()}
+                inputs = _loop.tensors(feeds, dev)
                 outs = module(**inputs, as_dict=True)
                 student = outs[first_out]
                 target = torch.from_numpy(t_out).to(dev)
@@ -101,12 +94,8 @@ class Distill(Pass):
         for _ in pairs:  # drop the feature outputs again
             trained.graph.outputs.pop()
         model.ir = trained.ir
-        return PassResult(model, True, {
-            "steps": steps, "loss_first": round(losses[0], 5),
-            "loss_last_epoch": round(float(np.mean(losses[-max(1, steps // cfg.epochs):])), 5),
-            "constrained_tensors": len(cons), "seconds": round(time.perf_counter() - start, 2),
-            "_loss_curve": [round(v, 5) for v in losses[:: max(1, len(losses) // 200)]],
-        })
+        return PassResult(model, True, {**_loop.summary(losses, steps, cfg.epochs, start),
+                                        "constrained_tensors": len(cons)})
 
     def _pair(self, text: str) -> tuple[str, str]:
         if text.count("=") != 1:

@@ -19,7 +19,7 @@ import numpy as np
 
 from slimgraph.errors import PassError
 from slimgraph.ir.model import Model
-from slimgraph.passes.base import Pass, PassConfig, PassContext, PassResult, choice, float_range, int_range, register_pass
+from slimgraph.passes.base import Pass, PassContext, PassResult, choice, register_pass
 from slimgraph.passes.train import _loop
 
 
@@ -34,18 +34,11 @@ class Finetune(Pass):
     after = ("fold_batchnorm",)
     before = ("quantize.*", "pack.*")
 
-    class Config(PassConfig):
-        epochs: int = int_range(1, 1000, default=5)
-        lr: float = float_range(1e-6, 1.0, default=1e-3, log=True)
-        batch_size: int = int_range(1, 4096, default=64, log=True)
-        optimizer: str = choice("adamw", "sgd", default="adamw")
-        schedule: str = choice("cosine", "onecycle", "constant", default="cosine")
-        weight_decay: float = float_range(0.0, 0.1, default=0.0)
+    class Config(_loop.TrainConfig):
         #: "auto": cross-entropy for integer labels, MSE for float labels
         loss: str = choice("auto", "cross_entropy", "mse", default="auto")
         #: the model output the loss reads (default: the first)
         output: str | None = None
-        device: str = choice("auto", "cpu", "cuda", default="auto")
 
     def run(self, model: Model, ctx: PassContext) -> PassResult:
         import torch
@@ -68,7 +61,7 @@ class Finetune(Pass):
         losses, start = [], time.perf_counter()
         with _loop.progress(ctx.progress, steps, self.name) as update:
             for step, (feeds, y) in enumerate(_loop.batches(data, labels, cfg.batch_size, cfg.epochs, rng)):
-                inputs = {k: torch.from_numpy(np.ascontiguousarray(v)).to(dev) for k, v in feeds.items()}
+                inputs = _loop.tensors(feeds, dev)
                 pred = module(**inputs)[out_index]
                 loss = loss_fn(pred, torch.from_numpy(y).to(dev))
                 value = _loop.step(module, loss, opt, sched, cons, step, self.name)
@@ -76,12 +69,8 @@ class Finetune(Pass):
                 update(value)
         trained = module.cpu().to_model()
         model.ir = trained.ir
-        return PassResult(model, True, {
-            "steps": steps, "epochs": cfg.epochs, "loss_first": round(losses[0], 5),
-            "loss_last_epoch": round(float(np.mean(losses[-max(1, steps // cfg.epochs):])), 5),
-            "constrained_tensors": len(cons), "seconds": round(time.perf_counter() - start, 2),
-            "_loss_curve": [round(v, 5) for v in losses[:: max(1, len(losses) // 200)]],
-        })
+        return PassResult(model, True, {**_loop.summary(losses, steps, cfg.epochs, start), "epochs": cfg.epochs,
+                                        "constrained_tensors": len(cons)})
 
     def _output_index(self, module) -> int:
         name = self.config.output

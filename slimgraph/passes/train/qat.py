@@ -139,7 +139,7 @@ class QuantizationAwareTraining(Pass):
         losses, start = [], time.perf_counter()
         with _loop.progress(ctx.progress, steps, self.name) as update:
             for step, (feeds, y) in enumerate(_loop.batches(data, labels, cfg.batch_size, cfg.epochs, rng)):
-                inputs = {k: torch.from_numpy(np.ascontiguousarray(v)).to(dev) for k, v in feeds.items()}
+                inputs = _loop.tensors(feeds, dev)
                 pred = module(**inputs)[0]
                 loss = torch.nn.functional.cross_entropy(pred.reshape(len(y), -1), torch.from_numpy(y).to(dev).long())
                 value = _loop.step(module, loss, opt, sched, cons, step, self.name)
@@ -176,7 +176,5 @@ class QuantizationAwareTraining(Pass):
         return PassResult(model, True, {
             "deploy_agreement": round(agreement, 4),
             "steps": steps, "quantized_tensors": len(tensors), "weight_bits": planned.get("weight_bits"),
-            "loss_first": round(losses[0], 5), "loss_last_epoch": round(float(np.mean(losses[-max(1, steps // cfg.epochs):])), 5),
-            "emitted": emitted, "seconds": round(time.perf_counter() - start, 2),
-            "_loss_curve": [round(v, 5) for v in losses[:: max(1, len(losses) // 200)]],
+            **_loop.summary(losses, steps, cfg.epochs, start), "emitted": emitted,
         })
