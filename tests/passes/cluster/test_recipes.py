@@ -2,7 +2,6 @@
 
 import zipfile
 
-import numpy as np
 import onnx
 
 import slimgraph
@@ -44,5 +43,3 @@ def test_deep_compression_on_the_lenet_mlp(tmp_path):
     # no fine-tuning: 80% magnitude pruning of a 50k-parameter MLP costs accuracy (measured
     # 97.8% -> 85.3%); the model must still run and classify far above chance
     assert _top1(out) > 0.6
-    ref = ort.run_batched(src, {"input": zoo.digits_test_data()["input"][:4]})
-    assert all(np.isfinite(v).all() for v in ref.values())
