@@ -207,14 +207,14 @@ def _clusters_hold(model: Model, record: dict) -> str | None:
     shape = tuple(record["shape"])
     k, axis = record["k"], record["axis"]
     fewest = None
-    for value in model.graph.initializers.values():
+    values = model.graph.initializers
+    named = values.get(record["id"])
+    # the recorded tensor first (usually still there under its name), then any of the shape
+    for value in ([named] if named is not None else []) + [v for v in values.values() if v is not named]:
         if value.const_value is None or len(value.const_value.shape) != len(shape):
             continue
-        for array, ax in _views(value.const_value, shape, axis):
-            # per channel even for a per-tensor codebook: per-channel quantization maps each
-            # channel's values on its own scale (still <= K values per channel)
-            rows = np.moveaxis(array, ax, 0).reshape(array.shape[ax], -1)
-            worst = int(distinct_per_row(rows).max())
+        for view, (array, ax) in enumerate(_views(value.const_value, shape, axis)):
+            worst = _worst_channel(value.const_value, view, array, ax)
             if worst <= k:
                 return None
             fewest = worst if fewest is None else min(fewest, worst)
@@ -224,6 +224,26 @@ def _clusters_hold(model: Model, record: dict) -> str | None:
             return None  # stored packed (maybe channel-padded): the pack passes are exact and run last
         return f"no weight of shape {list(shape)} is left (was {record['id']!r})"
     return f"weight {record['id']!r} ({list(shape)}) now takes {fewest} values per channel, more than k={k}"
+
+
+#: id(tensor) -> (tensor, view, distinct values in its fullest channel): contracts are checked
+#: after every pass, and most weights are the same tensor objects from one pass to the next
+#: (the tensor is held, so its id cannot be reused while cached)
+_WORST: dict[tuple[int, int], tuple[object, int]] = {}
+
+
+def _worst_channel(tensor, view: int, array: np.ndarray, axis: int) -> int:
+    """Distinct values in the channel that has most (per channel even for a per-tensor
+    codebook: per-channel quantization maps each channel on its own scale)."""
+    key = (id(tensor), view)
+    hit = _WORST.get(key)
+    if hit is not None and hit[0] is tensor:
+        return hit[1]
+    worst = int(distinct_per_row(np.moveaxis(array, axis, 0).reshape(array.shape[axis], -1)).max())
+    if len(_WORST) > 1024:
+        _WORST.clear()
+    _WORST[key] = (tensor, worst)
+    return worst
 
 
 def _views(tensor, shape: tuple[int, ...], axis: int):
