@@ -14,6 +14,12 @@ from slimgraph.passes.cluster._select import PACK_KEY
 from slimgraph.passes.quantize._weights import _attr
 
 
+def _decode_attr(name: str, value) -> ir.Attr:
+    if isinstance(value, ir.TensorProtocol):  # ConstantOfShape's fill value
+        return ir.AttrTensor(name, value)
+    return _attr(name, value)
+
+
 class DecodeBuilder:
     def __init__(self, model: Model, kind: str, prefix: str):
         self.model, self.graph = model, model.graph
@@ -48,9 +54,57 @@ class DecodeBuilder:
             self._count += 1
         short = f"{self.prefix}{self._count}"
         self._taken.add(short)
-        node = ir.Node("", op, inputs, [_attr(k, v) for k, v in attrs.items()], name=short)
+        node = ir.Node("", op, inputs, [_decode_attr(k, v) for k, v in attrs.items()], name=short)
         if out_name is not None:
             node.metadata_props[PACK_KEY] = f"{self.kind}:{target}"
         node.outputs[0].name = out_name or short
         self.nodes.append(node)
         return node.outputs[0]
+
+    def codes(self, packed: np.ndarray, init_name: str, count: int, bits: int, target: str) -> ir.Value:
+        """int32 [count] codes of `bits` bits each, read from `packed`, a uint8 stream written
+        by `pack_codes` (stored as the initializer `init_name`). Widths dividing 8 take one Div + Mod per byte lane; others (3, 5, 6,
+        7 bits: codes straddle bytes) unpack single bits and weigh them (Mul + ReduceSum)."""
+        packed = self.init(packed.reshape(-1, 1), init_name)
+        byte = self.node("Cast", [packed], target, to=int(ir.DataType.INT32))
+        flat = self.constant(np.array([-1], np.int64), "slimgraph_unpack_flat")
+        if 8 % bits == 0:
+            lanes = 1 << (bits * np.arange(8 // bits, dtype=np.int32))
+            out = self.node("Div", [byte, self.constant(lanes, f"slimgraph_unpack_lanes{bits}")], target)
+            out = self.node("Mod", [out, self.constant(np.array(1 << bits, np.int32), f"slimgraph_unpack_mod{bits}")], target)
+            out = self.node("Reshape", [out, flat], target)
+            total = packed.const_value.size * (8 // bits)
+        else:
+            out = self.node("Div", [byte, self.constant(1 << np.arange(8, dtype=np.int32), "slimgraph_unpack_bit_values")], target)
+            out = self.node("Mod", [out, self.constant(np.array(2, np.int32), "slimgraph_unpack_two")], target)
+            out = self.node("Reshape", [out, flat], target)
+            total = packed.const_value.size * 8
+        if total != (count if 8 % bits == 0 else count * bits):
+            end = count if 8 % bits == 0 else count * bits
+            out = self.node("Slice", [out, self.constant(np.array([0], np.int64), "slimgraph_unpack_zero"),
+                                      self.init(np.array([end], np.int64), f"{target}_end")], target)
+        if 8 % bits:
+            out = self.node("Reshape", [out, self.constant(np.array([-1, bits], np.int64), f"slimgraph_unpack_rows{bits}")], target)
+            out = self.node("Mul", [out, self.constant(1 << np.arange(bits, dtype=np.int32), f"slimgraph_unpack_weights{bits}")], target)
+            if self.model.opset >= 13:
+                out = self.node("ReduceSum", [out, self.constant(np.array([1], np.int64), "slimgraph_unpack_one")],
+                                target, keepdims=0)
+            else:
+                out = self.node("ReduceSum", [out], target, keepdims=0, axes=[1])
+        return out
+
+
+def pack_codes(codes: np.ndarray, bits: int) -> np.ndarray:
+    """uint8 stream of `bits`-bit codes, little-endian: bit j of code i is bit (i*bits + j)
+    of the stream, and bit t of the stream is bit t % 8 of byte t // 8."""
+    codes = np.asarray(codes, dtype=np.int64).ravel()
+    if codes.size and (codes.min() < 0 or codes.max() >= 1 << bits):
+        raise ValueError(f"codes outside [0, {1 << bits}) for {bits}-bit packing")
+    stream = ((codes[:, None] >> np.arange(bits)) & 1).astype(np.uint8).ravel()
+    return np.packbits(stream, bitorder="little")
+
+
+def unpack_codes(packed: np.ndarray, count: int, bits: int) -> np.ndarray:
+    """Inverse of `pack_codes` (what `DecodeBuilder.codes` computes)."""
+    stream = np.unpackbits(packed, bitorder="little")[: count * bits].astype(np.int64)
+    return (stream.reshape(count, bits) << np.arange(bits)).sum(axis=1)

@@ -40,15 +40,18 @@ import onnx_ir as ir
 
 from slimgraph.errors import PassError
 from slimgraph.ir.model import Model
-from slimgraph.passes.base import Pass, PassConfig, PassResult, float_range, int_range, register_pass
-from slimgraph.passes.cluster._select import prepend
-from slimgraph.passes.pack._decode import DecodeBuilder
+from slimgraph.passes.base import Pass, PassConfig, PassResult, choice, float_range, int_range, register_pass
+from slimgraph.passes.cluster._select import distinct_per_row, prepend
+from slimgraph.passes.pack import _gaps
+from slimgraph.passes.pack._decode import DecodeBuilder, pack_codes
 from slimgraph.passes.pack.unpack import pack_nodes
 
 KIND = "sparse"
 PACKABLE = {np.dtype(t) for t in (np.float32, np.float16, np.float64, np.int8, np.uint8)}
 #: the fixed bytes of a decode subgraph's small initializers (shape, slice bounds, axis)
 OVERHEAD = 64
+#: what the gap decode's extra nodes and constants add to that
+GAPS_OVERHEAD = 160
 
 
 def background(array: np.ndarray) -> np.ndarray:
@@ -114,6 +117,15 @@ class PackSparse(Pass):
         min_size: int = int_range(1, 1 << 30, default=1024, log=True)
         #: pack only tensors with at least this fraction of zeros (0: whenever it is smaller)
         min_sparsity: float = float_range(0.0, 1.0, default=0.0)
+        #: positions as a bitmask (1 bit per element), as gaps between non-zeros (b bits per
+        #: non-zero, plus fillers), or whichever is smaller per tensor
+        encoding: str = choice("auto", "bitmask", "gaps", default="auto")
+        #: gap width in bits (2..8); 0 picks the smallest per tensor
+        gap_bits: int = int_range(0, 8, default=0)
+        #: bits a non-zero value will cost, to weigh gaps against bitmask: 0 guesses what a
+        #: later pack.clusters makes of it (ceil(log2(distinct values)) when <= 256 values,
+        #: else the dtype's width)
+        value_bits: int = int_range(0, 64, default=0)
 
     def run(self, model: Model, ctx) -> PassResult:
         cfg = self.config
@@ -135,21 +147,52 @@ class PackSparse(Pass):
                 continue
             mask, values, keep = split(array)
             sparsity = 1.0 - keep.mean()
-            size = packed_nbytes(array.size, len(values) - 1, array.itemsize, array.ndim)
+            encoding, bits = self._encoding(keep, values)
+            if encoding == "gaps":
+                codes, source = _gaps.encode(keep, bits)
+                values = values[1:][source]
+                size = -(-len(codes) * bits // 8) + len(codes) * array.itemsize + 8 * array.ndim + OVERHEAD + GAPS_OVERHEAD
+                rebuilt = _gaps.rebuild(codes, values, background(array), bits, array.shape)
+            else:
+                size = packed_nbytes(array.size, len(values) - 1, array.itemsize, array.ndim)
+                rebuilt = rebuild(mask, values, array.shape)
             if size >= array.nbytes or sparsity < cfg.min_sparsity:
                 continue
-            if rebuild(mask, values, array.shape).tobytes() != np.ascontiguousarray(array).tobytes():
-                raise PassError(self.name, f"bitmask of {name!r} does not rebuild it bit for bit")
+            if rebuilt.tobytes() != np.ascontiguousarray(array).tobytes():
+                raise PassError(self.name, f"{encoding} coding of {name!r} does not rebuild it bit for bit")
             model.graph.initializers.pop(name)
             value.name = f"{name}__dense"
-            decoded = builder.decode(name, array.shape, mask, values)
+            if encoding == "gaps":
+                decoded = _gaps.decode(builder, name, array.shape, pack_codes(codes, bits), len(codes), bits,
+                                       values, background(array))
+            else:
+                decoded = builder.decode(name, array.shape, mask, values)
             decoded.shape, decoded.type = ir.Shape(array.shape), ir.TensorType(tensor.dtype)
             value.replace_all_uses_with(decoded)
             before, after = before + array.nbytes, after + size
             table.append({"tensor": name, "shape": "x".join(map(str, array.shape)), "dtype": str(array.dtype),
-                          "zeros": f"{sparsity:.1%}", "bytes": f"{array.nbytes} -> {size}"})
+                          "zeros": f"{sparsity:.1%}", "encoding": encoding + (f" {bits}-bit" if bits else ""),
+                          "bytes": f"{array.nbytes} -> {size}"})
         if not table:
             return PassResult(model, False, {"packed": 0})
         prepend(model, builder.nodes)
         return PassResult(model, True, {"packed": len(table), "bytes": f"{before} -> {after}",
                                         "ratio": round(before / max(after, 1), 2), "table": table})
+
+    def _encoding(self, keep: np.ndarray, values: np.ndarray) -> tuple[str, int]:
+        """("bitmask", 0) or ("gaps", bits), as configured or by estimated bits."""
+        cfg = self.config
+        if cfg.encoding == "bitmask" or not keep.any():
+            return "bitmask", 0
+        value_bits = cfg.value_bits
+        if value_bits == 0:
+            distinct = int(distinct_per_row(values[1:].view(f"u{values.itemsize}").reshape(1, -1))[0]) if len(values) > 1 else 1
+            value_bits = max(1, int(np.ceil(np.log2(max(distinct, 2))))) if distinct <= 256 else 8 * values.itemsize
+        if cfg.gap_bits:
+            bits, cost = cfg.gap_bits, _gaps.entries(keep, cfg.gap_bits) * (cfg.gap_bits + value_bits)
+        else:
+            bits, cost = _gaps.best_bits(keep, value_bits)
+        if cfg.encoding == "gaps":
+            return "gaps", bits
+        bitmask = keep.size + (int(keep.sum()) + 1) * value_bits
+        return ("gaps", bits) if cost + 8 * GAPS_OVERHEAD < bitmask else ("bitmask", 0)

@@ -49,7 +49,23 @@ _OPS = {
     "Add": lambda n, a, b: a + b,
     "Transpose": lambda n, x: np.transpose(x, n.attributes.get_ints("perm", None)),
     "Range": lambda n, start, limit, delta: np.arange(start, limit, delta, dtype=start.dtype),  # cluster.share(hashed)
+    "Equal": lambda n, a, b: a == b,
+    "Where": lambda n, c, a, b: np.where(c, a, b),
+    "ConstantOfShape": lambda n, s: np.full(tuple(int(d) for d in s), n.attributes["value"].as_tensor().numpy().ravel()[0]),
+    "ScatterElements": lambda n, d, i, u: _scatter(d, i, u),
+    "ReduceSum": lambda n, x, axes=None: _reduce_sum(n, x, axes),
 }
+
+
+def _scatter(data, idx, updates):
+    out = data.copy()  # 1-D, axis 0, no reduction: all the pack passes emit
+    out[idx.astype(np.int64)] = updates
+    return out
+
+
+def _reduce_sum(node, x, axes=None):
+    axes = node.attributes.get_ints("axes", None) if axes is None else axes
+    return x.sum(axis=tuple(int(a) for a in axes), keepdims=bool(node.attributes.get_int("keepdims", 1)), dtype=x.dtype)
 
 
 def pack_nodes(model: Model) -> list[ir.Node]:
