@@ -6,9 +6,10 @@ pass finds every such initializer by content (no annotation needed, so it also p
 what other tools produced) and replaces it by
 
     codebook [C, K] (the weight's dtype: float32/16, int8, uint8), indices packed to
-    1/2/4/8 bits in a uint8 array, and a small decode subgraph of standard ops:
-    Cast(packed -> int32) -> Gather(bit lookup table [256, 8/b]) -> Reshape -> Slice ->
-    (+ channel offsets) -> Gather(codebook) -> Reshape (-> Transpose)
+    b = ceil(log2 K) bits (1 to 8) in a uint8 stream, and a small decode subgraph of
+    standard ops: Cast(packed -> int32) -> Div + Mod (the b-bit fields; for b not dividing
+    8 single bits weighed by Mul + ReduceSum) -> Reshape -> Slice -> (+ channel offsets)
+    -> Gather(codebook) -> Reshape (-> Transpose)
 
 whose inputs are all initializers, so ONNX Runtime folds it at session creation: the file
 is small, the graph ORT runs is the plain dense one (tests compare ORT's optimized graphs).
@@ -30,7 +31,7 @@ import onnx_ir as ir
 from slimgraph.ir.model import Model
 from slimgraph.passes.base import Pass, PassConfig, PassResult, int_range, register_pass
 from slimgraph.passes.cluster._select import distinct_per_row, prepend
-from slimgraph.passes.pack._decode import DecodeBuilder
+from slimgraph.passes.pack._decode import DecodeBuilder, pack_codes
 
 KIND = "clusters"
 PACKABLE = {np.dtype(t) for t in (np.float32, np.float16, np.int8, np.uint8)}
@@ -41,25 +42,13 @@ CHANNEL_AXIS = {"Conv": (1, 0), "ConvTranspose": (1, 1), "QLinearConv": (3, 0), 
 
 
 def bits_for(k: int) -> int:
-    """Index width: 1, 2, 4 or 8 bits (3-bit indices would straddle bytes)."""
-    b = max(1, math.ceil(math.log2(max(k, 2))))
-    return next(w for w in (1, 2, 4, 8) if w >= b)
+    """Index width: ceil(log2 K) bits, 1 to 8 (codes may straddle bytes)."""
+    return max(1, math.ceil(math.log2(max(k, 2))))
 
 
 def pack_indices(indices: np.ndarray, bits: int) -> np.ndarray:
-    """Little-endian within each byte: element j of a byte sits at bits [j*b, (j+1)*b)."""
-    per = 8 // bits
-    flat = indices.astype(np.uint8).ravel()
-    flat = np.concatenate([flat, np.zeros((-len(flat)) % per, np.uint8)]).reshape(-1, per)
-    shifts = (np.arange(per) * bits).astype(np.uint8)
-    return np.bitwise_or.reduce(flat << shifts, axis=1).astype(np.uint8)
-
-
-def unpack_table(bits: int) -> np.ndarray:
-    """[256, 8/b] uint8: the indices held by each possible byte."""
-    per = 8 // bits
-    byte = np.arange(256, dtype=np.int32)[:, None]
-    return ((byte >> (np.arange(per, dtype=np.int32) * bits)) & ((1 << bits) - 1)).astype(np.uint8)
+    """The indices as a little-endian stream of `bits`-bit codes (see `pack_codes`)."""
+    return pack_codes(indices, bits)
 
 
 def codebook(array: np.ndarray, axis: int | None) -> tuple[np.ndarray, np.ndarray] | None:
@@ -100,26 +89,13 @@ def _axis_of(model: Model, value: ir.Value) -> int | None:
 class _Builder(DecodeBuilder):
     def __init__(self, model: Model):
         super().__init__(model, KIND, "pk")
-        self.tables: dict[int, ir.Value] = {}
-
-    def table(self, bits: int) -> ir.Value:
-        if bits not in self.tables:
-            self.tables[bits] = self.init(unpack_table(bits), f"slimgraph_unpack_{bits}bit")
-        return self.tables[bits]
 
     def decode(self, name: str, shape: tuple[int, ...], axis: int | None, books: np.ndarray,
                indices: np.ndarray, dtype: np.dtype) -> ir.Value:
         c, k = books.shape
         bits = bits_for(k)
         n = indices.size
-        packed = self.init(pack_indices(indices, bits), f"{name}_packed{bits}")
-        idx = self.node("Cast", [packed], name, to=int(ir.DataType.INT32))
-        if bits < 8:  # the table is uint8 (smaller in the file), so one more Cast
-            idx = self.node("Cast", [self.node("Gather", [self.table(bits), idx], name)], name, to=int(ir.DataType.INT32))
-        idx = self.node("Reshape", [idx, self.init(np.array([-1], np.int64), f"{name}_flat")], name)
-        if idx_len(n, bits) != n:
-            idx = self.node("Slice", [idx, self.init(np.array([0], np.int64), f"{name}_start"),
-                                      self.init(np.array([n], np.int64), f"{name}_end")], name)
+        idx = self.codes(pack_indices(indices, bits), f"{name}_packed{bits}", n, bits, name)
         if c > 1:
             idx = self.node("Reshape", [idx, self.init(np.array([c, n // c], np.int64), f"{name}_rows")], name)
             idx = self.node("Add", [idx, self.init((np.arange(c, dtype=np.int32) * k)[:, None], f"{name}_offsets")], name)
@@ -133,11 +109,6 @@ class _Builder(DecodeBuilder):
             perm = list(range(1, axis + 1)) + [0] + list(range(axis + 1, len(shape)))
             values = self.node("Transpose", [values], name, out_name=name, perm=perm)
         return values
-
-
-def idx_len(n: int, bits: int) -> int:
-    per = 8 // bits
-    return -(-n // per) * per
 
 
 @register_pass
@@ -165,7 +136,7 @@ class PackClusters(Pass):
             if tensor is None or name in graph_inputs or value.is_graph_output() or tensor.size < cfg.min_size:
                 continue
             array = tensor.numpy()
-            if array.dtype not in PACKABLE or array.ndim == 0 or name.startswith("slimgraph_unpack_"):
+            if array.dtype not in PACKABLE or array.ndim == 0 or name.startswith("slimgraph_"):
                 continue
             axis = _axis_of(model, value)
             best = None
