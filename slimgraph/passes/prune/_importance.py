@@ -4,6 +4,13 @@
   (producers' output filters, consumers' input columns, depthwise filters; biases and
   BatchNorm parameters are not weights), each tensor's scores divided by their mean so
   layers of different scale count equally, then summed;
+- consumer_l1 / consumer_l2: the norm of the weights that *read* the channel only (the
+  next layers' input slices, each tensor divided by its mean, summed): how much the rest
+  of the network listens to the channel. After BatchNorm folding a producer's filter norm
+  ignores the folded bias, which often carries a ReLU channel's output, so the readers'
+  weights rank channels better (digits CNN at 30% / 50% cut, no fine-tuning: see
+  benchmarks/results/prune.md). Groups no weight reads (feeding outputs through
+  pass-through ops only) fall back to l1 / l2;
 - bn_scale: |gamma| of the group's BatchNormalization(s); after BatchNorm folding a group
   has none and falls back to l1;
 - apoz / mean_activation: from the group's activations on sample data (ORT with the
@@ -35,11 +42,18 @@ def _normalised(v: np.ndarray) -> np.ndarray:
     return v / mean if mean > 0 else v
 
 
-def weight_scores(group: Group, order: int) -> np.ndarray:
-    """Sum over the group's weight tensors of each channel's normalised L1 or L2 norm."""
+CONSUMER_CRITERIA = ("consumer_l1", "consumer_l2")
+
+
+def weight_scores(group: Group, order: int, roles: tuple[str, ...] = WEIGHT_ROLES) -> np.ndarray:
+    """Sum over the group's weight tensors (of `roles`) of each channel's normalised L1 or
+    L2 norm; all weight roles when none of `roles` is present."""
+    present = {s.role for s, _ in group.slices}
+    if not present & set(roles):
+        roles = WEIGHT_ROLES
     total = np.zeros(group.size)
     for s, rows in group.weight_rows():
-        if s.role in WEIGHT_ROLES and s.value.shape is not None and len(s.value.shape) >= 2:
+        if s.role in roles and s.value.shape is not None and len(s.value.shape) >= 2:
             norms = np.abs(rows).sum(axis=1) if order == 1 else np.sqrt((rows ** 2).sum(axis=1))
             total += _normalised(norms)
     return total
@@ -99,6 +113,8 @@ def scores(
             s = bn_scores(g)
             fallback += s is None
             out[g.id] = weight_scores(g, 1) if s is None else s
+        elif criterion in CONSUMER_CRITERIA:
+            out[g.id] = weight_scores(g, 1 if criterion == "consumer_l1" else 2, roles=("consumer",))
         else:
             out[g.id] = weight_scores(g, 1 if criterion == "l1" else 2)
     if fallback:

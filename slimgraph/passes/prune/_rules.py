@@ -204,6 +204,8 @@ def broadcast(b: _Builder, node: ir.Node) -> None:
             lead = (v, info)
             break
     if lead is None:
+        if _per_channel_constant(b, node, r_out):
+            return
         return b.touch_unknown(node, "elementwise op without a channel operand")
     lv, li = lead
     full = (_dims(lv) or [None] * r_out)[li.axis]
@@ -234,6 +236,38 @@ def broadcast(b: _Builder, node: ir.Node) -> None:
             b.unsafe(li.key, f"{node.op_type} {node.name!r}: operands' channel axes disagree")
             b.unsafe(info.key, f"{node.op_type} {node.name!r}: operands' channel axes disagree")
         b.join(li.key, info.key)
+
+
+def _per_channel_constant(b: _Builder, node: ir.Node, r_out: int) -> bool:
+    """A per-sample statistic times a per-channel constant (a hand-built LayerNorm's
+    `rsqrt(var) * gamma`, [N, 1] x [1, C]): the output's channels are the constant's axis,
+    a new space that the op joining it with the normalised tensor ties to that tensor's
+    group. False when the operands are not of that form."""
+    axis, consts = None, []
+    for v in node.inputs:
+        if v is None:
+            continue
+        arr, d = constant(v), _dims(v)
+        if d is None:
+            return False
+        offset = r_out - len(d)
+        wide = [i + offset for i, x in enumerate(d) if x != 1]
+        if arr is None:
+            if b.get(v) is None or b.get(v).axis is not None:
+                return False
+            continue
+        if len(wide) != 1 or (axis is not None and wide[0] != axis) or wide[0] == 0:
+            return False
+        axis = wide[0]
+        consts.append((v, wide[0] - offset))
+    if axis is None or any(
+            (_dims(v) or (None,))[axis - r_out + len(_dims(v))] not in (1,) for v in node.inputs
+            if v is not None and constant(v) is None and axis - r_out + len(_dims(v)) >= 0):
+        return False
+    out = b.new_space(node.outputs[0], axis)
+    for v, a in consts:
+        b.slice(out, v, a, node, "param")
+    return True
 
 
 def resize(b: _Builder, node: ir.Node) -> None:
@@ -308,7 +342,7 @@ def _replace_constant_input(node: ir.Node, index: int, array: np.ndarray, what: 
         name = f"{node.name}_{what}_pruned_{n}"
     new = ir.Value(name=name, const_value=ir.tensor(array))
     new.shape = ir.Shape(array.shape)
-    new.type = ir.TensorType(ir.DataType.INT64 if array.dtype == np.int64 else ir.DataType.INT32)
+    new.type = ir.TensorType(ir.DataType.from_numpy(array.dtype))
     graph.register_initializer(new)
     if len(node.inputs) <= index:
         node.resize_inputs(index + 1)
@@ -322,9 +356,43 @@ def reduce(b: _Builder, node: ir.Node) -> None:
         return b.touch_unknown(node, "reduction over all axes or unknown axes")
     axes = [a % r for a in axes]
     if info.axis in axes:
-        return b.touch_unknown(node, "reduction over the channel axis")
+        return _channel_statistic(b, node, info, r, axes)
     keep = node.attributes.get_int("keepdims", 1)
     b.same(node, node.inputs[0], node.outputs[0], info.axis if keep else info.axis - sum(a < info.axis for a in axes))
+
+
+#: reductions whose value over a subset of the channels is still meaningful
+STATISTICS = frozenset({"ReduceMean", "ReduceSum", "ReduceSumSquare", "ReduceMax", "ReduceMin",
+                        "ReduceL1", "ReduceL2"})
+
+
+def _channel_statistic(b: _Builder, node: ir.Node, info: _Info, r: int, axes: list[int]) -> None:
+    """A reduction over the channel axis (a normalisation's mean / variance, a max): a
+    per-sample statistic without channels. Pruning changes it, as it changes any layer's
+    output (Torch-Pruning prunes LayerNorm the same way), but the model stays valid. A
+    ReduceSum whose readers multiply it by 1/C (a mean built by hand) gets 1/C' after
+    pruning, so the mean stays a mean."""
+    if node.op_type not in STATISTICS or info.factor != 1:
+        return b.touch_unknown(node, "reduction over the channel axis")
+    b.new_space(node.outputs[0], None)
+    if node.op_type not in ("ReduceSum", "ReduceSumSquare"):
+        return
+    size = (_dims(node.inputs[0]) or [None] * r)[info.axis]
+    others = [a for a in axes if a != info.axis]
+    for use in node.outputs[0].uses():
+        reader = use.node
+        k = 1 - use.idx if reader.op_type == "Mul" and len(reader.inputs) == 2 else None
+        scale = constant(reader.inputs[k]) if k is not None else None
+        if size and not others and scale is not None and scale.size == 1 and np.isclose(
+                float(scale.reshape(-1)[0]) * size, 1.0, rtol=1e-5):
+            b.fixups.append((_fix_mean_scale, [info.key], reader, k, scale.dtype))
+
+
+def _fix_mean_scale(analysis, keep, roots, reader: ir.Node, index: int, dtype) -> None:
+    kept = len(keep_index(analysis, roots[0], keep))
+    array = np.asarray(constant(reader.inputs[index])).copy()
+    array.reshape(-1)[0] = 1.0 / kept
+    _replace_constant_input(reader, index, array.astype(dtype), "mean_scale")
 
 
 def squeeze(b: _Builder, node: ir.Node) -> None:

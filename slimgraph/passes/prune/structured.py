@@ -60,7 +60,7 @@ class PruneStructured(Pass):
 
     class Config(PassConfig):
         ratio: float = _fraction(0.5)
-        criterion: str = choice("l1", "l2", "bn_scale", "apoz", "mean_activation", "random", default="l1")
+        criterion: str = choice("l1", "l2", "consumer_l1", "consumer_l2", "bn_scale", "apoz", "mean_activation", "random", default="l1")
         mode: str = choice("uniform", "global", "macs", "latency", default="uniform")
         min_keep: float = pydantic.Field(default=0.1, ge=0.0, le=1.0,
                                          json_schema_extra={"domain": {"float": [0.0, 0.5], "log": False}})
