@@ -10,6 +10,7 @@ from slimgraph.passes.cleanup import (  # noqa: F401  (registration side effect)
     fold_constants,
     infer_shapes,
     lift_constants,
+    short_names,
     simplify,
     strip_metadata,
     topo_sort,

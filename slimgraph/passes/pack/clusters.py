@@ -118,7 +118,7 @@ class PackClusters(Pass):
     name = "pack.clusters"
     # after every transforming pass (fold_constants would fold the decoders back), and after
     # pack.sparse, whose non-zero value vectors it packs in turn
-    after = ("[!p]*", "prune.*", "pack.sparse")
+    after = ("[!ps]*", "s[!h]*", "prune.*", "pack.sparse")
 
     class Config(PassConfig):
         #: tensors smaller than this stay as they are
@@ -133,7 +133,8 @@ class PackClusters(Pass):
         graph_inputs = {v.name for v in model.graph.inputs}
         for name, value in list(model.graph.initializers.items()):
             tensor = value.const_value
-            if tensor is None or name in graph_inputs or value.is_graph_output() or tensor.size < cfg.min_size:
+            if (tensor is None or name in graph_inputs or value.is_graph_output() or not value.uses()
+                    or tensor.size < cfg.min_size):
                 continue
             array = tensor.numpy()
             if array.dtype not in PACKABLE or array.ndim == 0 or name.startswith("slimgraph_"):

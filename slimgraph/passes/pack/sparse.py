@@ -28,9 +28,10 @@ frequent one, which is the zero point of a pruned quantized weight (0 for slimgr
 symmetric int8 weights, 128 for uint8 embedding blocks).
 
 Order: this pass must come after every pass that transforms weights (a later
-`fold_constants` would fold the decoders back into dense tensors): `after = ("[!p]*",
-"prune.*")` is fnmatch for "every pass whose name does not start with p, and the prune
-passes"; `pack.clusters` then packs the value vectors further.
+`fold_constants` would fold the decoders back into dense tensors): `after = ("[!ps]*",
+"s[!h]*", "prune.*")` is fnmatch for "every pass whose name does not start with p, except
+`short_names` (which renames what the pack passes add), and the prune passes";
+`pack.clusters` then packs the value vectors further.
 """
 
 from __future__ import annotations
@@ -110,7 +111,7 @@ class PackSparse(Pass):
     """Store sparse weights as bitmask + non-zero values, decoded by ORT at load (exact)."""
 
     name = "pack.sparse"
-    after = ("[!p]*", "prune.*")
+    after = ("[!ps]*", "s[!h]*", "prune.*")
 
     class Config(PassConfig):
         #: tensors with fewer elements stay as they are

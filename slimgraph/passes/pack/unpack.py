@@ -130,7 +130,10 @@ class Unpack(Pass):
             value.replace_all_uses_with(dense, replace_graph_outputs=True)
         for node in reversed(nodes):
             graph.remove(node, safe=True)
-        for value in inputs.values():
+        # the packed inputs, and the rebuilt tensors only other decode nodes read (the
+        # non-zero values pack.sparse's decoder took from pack.clusters')
+        rebuilt = [graph.initializers[name] for name in arrays]
+        for value in [*inputs.values(), *rebuilt]:
             if not value.uses() and value.name in graph.initializers and not value.is_graph_output():
                 graph.initializers.pop(value.name)
         return PassResult(model, True, {"unpacked": len(arrays), "nodes_removed": len(nodes)})

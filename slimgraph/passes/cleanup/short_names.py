@@ -1,0 +1,96 @@
+"""short_names: the fewest bytes of graph structure a small model file can have (exact).
+
+In a compressed small model the names, not the weights, can be most of the file: every
+tensor name is written where it is produced, where it is read and in its value_info, and
+exporters name things like `features.3.0.weight_bn_quantized_values_codebook`. This pass
+
+1. renames every initializer and node output to a short base-36 name (`a`, `b`, ...,
+   `a0`, ...), never the graph's inputs and outputs (the model's interface);
+2. clears node names (optional in ONNX) and doc strings;
+3. drops the value_info of intermediate tensors (types and shapes ORT infers again at
+   load) unless `value_info` is true;
+4. keeps, of the nodes' metadata, only what slimgraph needs to read the file back
+   (`slimgraph.pack` marks, updated to the new names) unless `metadata` is "all"; the
+   model's recorded contracts (`slimgraph.contracts`) go too unless `contracts` is true.
+
+Run it last: names are what people read in reports, and later passes would need shapes.
+"""
+
+from __future__ import annotations
+
+import itertools
+
+from slimgraph.ir.model import Model
+from slimgraph.passes.base import Pass, PassConfig, PassResult, choice, register_pass
+from slimgraph.passes.cluster._select import PACK_KEY
+from slimgraph.passes.contracts import KEY as CONTRACTS_KEY
+
+_DIGITS = "0123456789abcdefghijklmnopqrstuvwxyz"
+
+
+def short_name_stream(taken: set[str]):
+    """a, b, ..., z, a0, a1, ...: names starting with a letter, none of them in `taken`."""
+    for length in itertools.count(1):
+        for first in _DIGITS[10:]:
+            for rest in itertools.product(_DIGITS, repeat=length - 1):
+                name = first + "".join(rest)
+                if name not in taken:
+                    yield name
+
+
+@register_pass
+class ShortNames(Pass):
+    """Rename internal tensors to short names, drop node names, doc strings and value_info (exact)."""
+
+    name = "short_names"
+    preserves = ("macs", "params")
+    # after every other pass (fnmatch: names not starting with s, and s-names whose second
+    # letter is not h): later passes report by name and need shapes
+    after = ("[!s]*", "s[!h]*")
+
+    class Config(PassConfig):
+        #: keep the types and shapes of intermediate tensors (value_info)
+        value_info: bool = choice(False, True, default=False)
+        #: node metadata kept: only slimgraph's pack marks, or all of it
+        metadata: str = choice("pack", "all", default="pack")
+        #: keep the recorded contracts (facts later `slimgraph run` calls check)
+        contracts: bool = choice(True, False, default=True)
+
+    def run(self, model: Model, ctx) -> PassResult:
+        cfg = self.config
+        graph = model.graph
+        interface = {v.name for v in graph.inputs} | {v.name for v in graph.outputs}
+        names = short_name_stream(interface)
+        before = _structure_size(model)
+        renamed = 0
+        marked = {}
+        for node in graph:
+            if PACK_KEY in node.metadata_props:
+                marked[id(node)] = node.metadata_props[PACK_KEY].split(":", 1)[0]
+        for value in list(graph.initializers.values()):
+            if value.name not in interface:
+                value.name, renamed = next(names), renamed + 1
+        for node in graph:
+            node.name, node.doc_string = "", None
+            for out in node.outputs:
+                if out.name not in interface:
+                    out.name, renamed = next(names), renamed + 1
+                    if not cfg.value_info:
+                        out.shape, out.type = None, None
+            if cfg.metadata == "pack":
+                for key in [k for k in node.metadata_props if k != PACK_KEY]:
+                    del node.metadata_props[key]
+            if id(node) in marked:
+                node.metadata_props[PACK_KEY] = f"{marked[id(node)]}:{node.outputs[0].name}"
+        graph.doc_string, model.ir.doc_string = None, None
+        if not cfg.contracts:
+            model.ir.metadata_props.pop(CONTRACTS_KEY, None)
+        after = _structure_size(model)
+        return PassResult(model, renamed > 0 or after != before,
+                          {"renamed": renamed, "structure_bytes": f"{before} -> {after}"})
+
+
+def _structure_size(model: Model) -> int:
+    """Serialized bytes of everything but the initializers' data."""
+    proto = model.to_proto()
+    return proto.ByteSize() - sum(len(t.raw_data) for t in proto.graph.initializer)
