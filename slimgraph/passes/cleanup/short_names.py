@@ -7,8 +7,8 @@ exporters name things like `features.3.0.weight_bn_quantized_values_codebook`. T
 1. renames every initializer and node output to a short base-36 name (`a`, `b`, ...,
    `a0`, ...), never the graph's inputs and outputs (the model's interface);
 2. clears node names (optional in ONNX) and doc strings;
-3. drops the value_info of intermediate tensors (types and shapes ORT infers again at
-   load) unless `value_info` is true;
+3. drops the value_info of intermediate tensors and initializers (types and shapes ORT
+   infers again at load, or the tensor holds) unless `value_info` is true;
 4. keeps, of the nodes' metadata, only what slimgraph needs to read the file back
    (`slimgraph.pack` marks, updated to the new names) unless `metadata` is "all"; the
    model's recorded contracts (`slimgraph.contracts`) go too unless `contracts` is true.
@@ -70,6 +70,8 @@ class ShortNames(Pass):
         for value in list(graph.initializers.values()):
             if value.name not in interface:
                 value.name, renamed = next(names), renamed + 1
+                if not cfg.value_info:  # the tensor itself says its type and shape
+                    value.shape, value.type = None, None
         for node in graph:
             node.name, node.doc_string = "", None
             for out in node.outputs:

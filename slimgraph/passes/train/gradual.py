@@ -43,6 +43,11 @@ class PruneGradual(Pass):
         batch_size: int = int_range(1, 4096, default=64, log=True)
         #: passed to prune.magnitude / prune.structured
         keep_first_last: bool = True
+        #: unstructured: one target per layer, or one magnitude ranking over the model
+        scope: str = choice("layer", "global", default="layer")
+        #: unstructured: fnmatch pattern -> final sparsity of matching layers (each on its own
+        #: cubic schedule)
+        per_layer: dict[str, float] = {}
         min_size: int = 64
         multiple: int = int_range(1, 64, default=8)
         exclude: tuple[str, ...] = ()
@@ -53,10 +58,12 @@ class PruneGradual(Pass):
         cfg = self.config
         train = dict(lr=cfg.lr, batch_size=cfg.batch_size, schedule="constant")
         history, kept = [], 1.0
-        for target in cubic_schedule(cfg.sparsity, cfg.steps):
+        layers = {pattern: cubic_schedule(final, cfg.steps) for pattern, final in cfg.per_layer.items()}
+        for step, target in enumerate(cubic_schedule(cfg.sparsity, cfg.steps)):
             if cfg.kind == "unstructured":
                 prune = get_pass("prune.magnitude")(sparsity=target, keep_first_last=cfg.keep_first_last,
-                                                    min_size=cfg.min_size, exclude=cfg.exclude)
+                                                    min_size=cfg.min_size, exclude=cfg.exclude, scope=cfg.scope,
+                                                    per_layer={p: s[step] for p, s in layers.items()})
             else:
                 step_ratio = 1 - (1 - target) / kept  # of the channels still there
                 kept = 1 - target
