@@ -6,7 +6,8 @@ exporters name things like `features.3.0.weight_bn_quantized_values_codebook`. T
 
 1. renames every initializer and node output to a short base-36 name (`a`, `b`, ...,
    `a0`, ...), never the graph's inputs and outputs (the model's interface);
-2. clears node names (optional in ONNX) and doc strings;
+2. clears node names (optional in ONNX) and doc strings, and drops attributes set to
+   their default in the op's schema (exporters write `ceil_mode=0`, `auto_pad="NOTSET"`);
 3. drops the value_info of intermediate tensors and initializers (types and shapes ORT
    infers again at load, or the tensor holds) unless `value_info` is true;
 4. keeps, of the nodes' metadata, only what slimgraph needs to read the file back
@@ -19,6 +20,9 @@ Run it last: names are what people read in reports, and later passes would need 
 from __future__ import annotations
 
 import itertools
+
+import onnx
+import onnx_ir as ir
 
 from slimgraph.ir.model import Model
 from slimgraph.passes.base import Pass, PassConfig, PassResult, choice, register_pass
@@ -74,6 +78,8 @@ class ShortNames(Pass):
                     value.shape, value.type = None, None
         for node in graph:
             node.name, node.doc_string = "", None
+            for key in _defaulted(node, model.ir.opset_imports.get(node.domain or "", 1)):
+                del node.attributes[key]
             for out in node.outputs:
                 if out.name not in interface:
                     out.name, renamed = next(names), renamed + 1
@@ -90,6 +96,30 @@ class ShortNames(Pass):
         after = _structure_size(model)
         return PassResult(model, renamed > 0 or after != before,
                           {"renamed": renamed, "structure_bytes": f"{before} -> {after}"})
+
+
+def _defaulted(node: ir.Node, opset: int) -> list[str]:
+    """Attributes of `node` whose value is its schema's default."""
+    try:
+        schema = onnx.defs.get_schema(node.op_type, opset, node.domain or "")
+    except onnx.defs.SchemaError:
+        return []  # not a registered op (a custom domain): nothing known about defaults
+    found = []
+    for key, attr in node.attributes.items():
+        spec = schema.attributes.get(key)
+        if spec is None or spec.default_value.type == onnx.AttributeProto.UNDEFINED:
+            continue
+        default = onnx.helper.get_attribute_value(spec.default_value)
+        value = attr.value
+        if isinstance(default, bytes):
+            default = default.decode()
+        if isinstance(value, (list, tuple)) or isinstance(default, (list, tuple)):
+            same = list(value) == list(default) if isinstance(value, (list, tuple)) and isinstance(default, (list, tuple)) else False
+        else:
+            same = type(value) in (int, float, str) and value == default
+        if same:
+            found.append(key)
+    return found
 
 
 def _structure_size(model: Model) -> int:

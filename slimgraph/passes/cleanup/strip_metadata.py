@@ -1,8 +1,9 @@
-"""strip_metadata: drop exporters' debug metadata from nodes (exact).
+"""strip_metadata: drop exporters' debug metadata from nodes and the graph (exact).
 
 torch's dynamo exporter writes each node's Python namespace, class hierarchy and name
 scopes into its metadata_props, and onnxscript's rewriter the rule that made it: about
-1 KB per node, which is most of a compressed small model's file. slimgraph's own keys
+1 KB per node, which is most of a compressed small model's file; into the graph's
+metadata_props it writes the ExportedProgram's graph signature (a line per parameter). slimgraph's own keys
 (`slimgraph.*`: provenance, annotations, pack marks) are kept unless `keep_slimgraph`
 is false; the provenance (torch module path) already says where a node came from.
 """
@@ -31,5 +32,10 @@ class StripMetadata(Pass):
             for key in list(node.metadata_props):
                 if not (self.config.keep_slimgraph and key.startswith(prefix)):
                     del node.metadata_props[key]
+                    removed += 1
+        for graph in (model.graph, *model.graph.subgraphs()):
+            for key in list(graph.metadata_props):
+                if not (self.config.keep_slimgraph and key.startswith(prefix)):
+                    del graph.metadata_props[key]
                     removed += 1
         return PassResult(model, removed > 0, {"entries_removed": removed})

@@ -61,29 +61,31 @@ class DecodeBuilder:
         self.nodes.append(node)
         return node.outputs[0]
 
-    def codes(self, packed: np.ndarray, init_name: str, count: int, bits: int, target: str) -> ir.Value:
+    def codes(self, packed: np.ndarray, init_name: str, count: int, bits: int, target: str,
+              any_width: bool = False) -> ir.Value:
         """int32 [count] codes of `bits` bits each, read from `packed`, a uint8 stream written
-        by `pack_codes` (stored as the initializer `init_name`). Widths dividing 8 take one Div + Mod per byte lane; others (3, 5, 6,
-        7 bits: codes straddle bytes) unpack single bits and weigh them (Mul + ReduceSum)."""
+        by `pack_codes` (stored as the initializer `init_name`). Widths dividing 8 take one
+        Div + Mod per byte lane; others (3, 5, 6, 7 bits: codes straddle bytes), or any width
+        with `any_width` (one subgraph shape for every width, which `pack.outline` can
+        share), unpack single bits and weigh them (Mul + ReduceSum). The Slice is always
+        there, for the same reason."""
         packed = self.init(packed.reshape(-1, 1), init_name)
         byte = self.node("Cast", [packed], target, to=int(ir.DataType.INT32))
         flat = self.constant(np.array([-1], np.int64), "slimgraph_unpack_flat")
-        if 8 % bits == 0:
-            lanes = 1 << (bits * np.arange(8 // bits, dtype=np.int32))
-            out = self.node("Div", [byte, self.constant(lanes, f"slimgraph_unpack_lanes{bits}")], target)
+        lanes = 8 % bits == 0 and not any_width
+        if lanes:
+            scale = 1 << (bits * np.arange(8 // bits, dtype=np.int32))
+            out = self.node("Div", [byte, self.constant(scale, f"slimgraph_unpack_lanes{bits}")], target)
             out = self.node("Mod", [out, self.constant(np.array(1 << bits, np.int32), f"slimgraph_unpack_mod{bits}")], target)
             out = self.node("Reshape", [out, flat], target)
-            total = packed.const_value.size * (8 // bits)
         else:
             out = self.node("Div", [byte, self.constant(1 << np.arange(8, dtype=np.int32), "slimgraph_unpack_bit_values")], target)
             out = self.node("Mod", [out, self.constant(np.array(2, np.int32), "slimgraph_unpack_two")], target)
             out = self.node("Reshape", [out, flat], target)
-            total = packed.const_value.size * 8
-        if total != (count if 8 % bits == 0 else count * bits):
-            end = count if 8 % bits == 0 else count * bits
-            out = self.node("Slice", [out, self.constant(np.array([0], np.int64), "slimgraph_unpack_zero"),
-                                      self.init(np.array([end], np.int64), f"{target}_end")], target)
-        if 8 % bits:
+        end = count if lanes else count * bits
+        out = self.node("Slice", [out, self.constant(np.array([0], np.int64), "slimgraph_unpack_zero"),
+                                  self.init(np.array([end], np.int64), f"{target}_end")], target)
+        if not lanes:
             out = self.node("Reshape", [out, self.constant(np.array([-1, bits], np.int64), f"slimgraph_unpack_rows{bits}")], target)
             out = self.node("Mul", [out, self.constant(1 << np.arange(bits, dtype=np.int32), f"slimgraph_unpack_weights{bits}")], target)
             if self.model.opset >= 13:

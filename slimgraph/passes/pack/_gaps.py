@@ -71,7 +71,7 @@ def decode(builder: DecodeBuilder, name: str, shape: tuple[int, ...], packed: np
     """Append the decode subgraph of a gap-coded tensor; returns the rebuilt tensor."""
     n = int(np.prod(shape))
     b = builder
-    codes = b.codes(packed, f"{name}_gaps{bits}", count, bits, name)
+    codes = b.codes(packed, f"{name}_gaps{bits}", count, bits, name, any_width=True)
     zero = b.constant(np.array(0, np.int32), "slimgraph_unpack_zero_i32")
     filler = b.node("Equal", [codes, zero], name)
     step = b.node("Where", [filler, b.constant(np.array((1 << bits) - 1, np.int32), f"slimgraph_gap_step{bits}"),

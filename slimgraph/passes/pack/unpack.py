@@ -86,6 +86,13 @@ def decode(model: Model) -> dict[str, np.ndarray]:
     nodes or by the graph's outputs). The model is not modified."""
     env: dict[int, np.ndarray] = {}
     nodes = pack_nodes(model)
+    _evaluate(model, nodes, env)
+    return {n.outputs[0].name: env[id(n.outputs[0])] for n in nodes if PACK_KEY in n.metadata_props}
+
+
+def _evaluate(model: Model, nodes, env: dict[int, np.ndarray]) -> None:
+    """Run `nodes` (standard decode ops, or calls of `pack.outline`'s functions) with numpy;
+    `env` maps id(value) -> array and receives the outputs."""
     for node in nodes:
         args = []
         for v in node.inputs:
@@ -98,11 +105,16 @@ def decode(model: Model) -> dict[str, np.ndarray]:
             else:
                 raise PassError("unpack", f"decode node {node.name!r} reads {v.name!r}, which is neither "
                                 "an initializer nor a decode output")
+        function = model.ir.functions.get((node.domain, node.op_type, node.overload))
+        if function is not None:  # pack.outline's shared decode: evaluate its body
+            inner = {id(p): a for p, a in zip(function.inputs, args)}
+            _evaluate(model, list(function), inner)
+            env[id(node.outputs[0])] = inner[id(function.outputs[0])]
+            continue
         fn = _OPS.get(node.op_type)
         if fn is None:
             raise PassError("unpack", f"decode node {node.name!r}: op {node.op_type} is not one the pack passes emit")
         env[id(node.outputs[0])] = np.asarray(fn(node, *[a for a in args if a is not None]))
-    return {n.outputs[0].name: env[id(n.outputs[0])] for n in nodes if PACK_KEY in n.metadata_props}
 
 
 @register_pass
@@ -128,8 +140,12 @@ class Unpack(Pass):
                              shape=ir.Shape(arrays[name].shape), type=value.type)
             graph.register_initializer(dense)
             value.replace_all_uses_with(dense, replace_graph_outputs=True)
+        called = {(n.domain, n.op_type, n.overload) for n in nodes}
         for node in reversed(nodes):
             graph.remove(node, safe=True)
+        still = {(n.domain, n.op_type, n.overload) for n in model.nodes(recursive=True)}
+        for key in called & set(model.ir.functions) - still:
+            del model.ir.functions[key]  # pack.outline's decode functions nobody calls any more
         # the packed inputs, and the rebuilt tensors only other decode nodes read (the
         # non-zero values pack.sparse's decoder took from pack.clusters')
         rebuilt = [graph.initializers[name] for name in arrays]
