@@ -30,9 +30,16 @@ def to_torch(model, **options):
     return _to_torch(model, **options)
 
 
+def search(model, data=None, **options):
+    """Autotune `model`: search pass order and configs (slimgraph.search; needs optuna)."""
+    from slimgraph.search import search as _search
+
+    return _search(model, data, **options)
+
+
 __all__ = [
     "DataError", "Model", "ModelLoadError", "Pass", "PassConfig", "PassContext", "PassError",
     "PassManager", "PassResult", "Pipeline", "PipelineError", "Report", "RunResult",
     "SlimgraphError", "UnsupportedOpError", "load", "parse_pipeline", "register_pass",
-    "registry", "run", "save", "summary", "to_torch",
+    "registry", "run", "save", "search", "summary", "to_torch",
 ]

@@ -8,6 +8,7 @@
     slimgraph prune MODEL --ratio 0.5 -o OUT [--mode uniform|global|macs|latency] [--unstructured | --n-m 2:4]
     slimgraph bench MODEL [MODEL ...] [--threads N] [--runs N] [--json]
     slimgraph compare A B [--data D.npz]
+    slimgraph search MODEL --data D.npz [--eval mod:fn] [--max-drop X] [--trials N] [--strategy S] -o DIR
 
 Errors print one line and exit 2 for bad input (1 for internal errors); `--debug` shows
 the traceback. No output file is written when a command fails; inputs are never touched.
@@ -434,6 +435,27 @@ def cmd_compare(args) -> int:
     return 0
 
 
+def cmd_search(args) -> int:
+    from slimgraph.search import search
+
+    result = search(
+        args.model, args.data, output=args.output, eval=args.eval, max_drop=args.max_drop,
+        objectives=args.objectives, trials=args.trials, strategy=args.strategy, jobs=args.jobs,
+        executor=args.executor, address=args.address, fallback_local=args.fallback_local, space=args.space,
+        resume=args.resume, cache=not args.no_cache, cache_dir=args.cache_dir, metric=args.metric,
+        proxy_samples=args.proxy_samples, latency_runs=args.latency_runs, threads=args.threads, seed=args.seed,
+        references=[r for r in (args.reference or "").split(",") if r], progress=not args.quiet)
+    if not args.quiet:
+        best = result.best
+        verdict = "budget met" if result.budget_met else "NO candidate meets the budget"
+        out.print(f"{len(result.trials)} trials, {verdict}; Pareto front: {len(result.front)} pipeline(s)")
+        if best is not None:
+            out.print(f"best: {best['pipeline']}  accuracy {best['accuracy']:.4f} (drop {best['drop']:+.4f}), "
+                      f"latency x{best['latency_ratio']:.3f}, size x{best['size_ratio']:.3f}")
+        out.print(f"wrote {result.output}/ (best.onnx, best.yaml, report.md, trials.csv, pareto.png)")
+    return 0
+
+
 # --- parser ---------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
@@ -578,6 +600,61 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--samples", type=int, default=8, help="generated samples when no --data (default 8)")
     sp.add_argument("--json", action="store_true")
     sp.set_defaults(fn=cmd_compare)
+
+    sp = sub.add_parser(
+        "search", help="autotune: search pass order and configs against accuracy, latency and size",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Search pipelines for MODEL: which passes, in which (legal) order, with which configs. "
+        "Accuracy is your --eval function (called with each candidate's ONNX path, returning a number or a "
+        "dict with 'accuracy') or the fidelity of the candidate's outputs to the original's on --data; latency "
+        "(ORT, median of paired runs against the original, timed one candidate at a time) and file size are "
+        "minimised as ratios to the original. Candidates whose accuracy drops more than --max-drop are over "
+        "budget. The original is always evaluated. Writes DIR/best.onnx, best.yaml (a recipe: `slimgraph run "
+        "MODEL -p DIR/best.yaml --data D.npz -o out.onnx` reproduces best.onnx), trials.csv/jsonl, report.md, "
+        "pareto.png and search.db (optuna; --resume continues an interrupted search).",
+        epilog="examples:\n"
+        "  slimgraph search model.onnx --data calib.npz --trials 40 -o search/\n"
+        "  slimgraph search model.onnx --data calib.npz --eval my_eval:accuracy --max-drop 0.01 -o search/\n"
+        "  slimgraph search model.onnx --data calib.npz --strategy nsga2 --jobs 2 --space space.yaml -o s/\n"
+        "  slimgraph search model.onnx --data calib.npz --executor ray --address HOST:6379 -o s/\n"
+        "  slimgraph search model.onnx --data calib.npz -o search/ --resume      # after an interruption\n"
+        "space files: see slimgraph/search/spaces/default.yaml (stages; pick all/one/any; narrowed domains)\n")
+    sp.add_argument("model")
+    sp.add_argument("-o", "--output", required=True, metavar="DIR", help="output folder (created; never the input)")
+    sp.add_argument("--data", metavar="D.npz", help="inputs (keys = model input names, arrays [N, ...]; optional "
+                    "'labels'): calibration, fidelity and training data")
+    sp.add_argument("--eval", metavar="MODULE:FUNCTION", help="accuracy function, called with a candidate's ONNX "
+                    "path; returns a number or a dict with 'accuracy' (a raise or NaN fails that trial only)")
+    sp.add_argument("--max-drop", type=float, default=0.01, metavar="X",
+                    help="allowed accuracy (or fidelity) drop from the original, e.g. 0.01 (default)")
+    sp.add_argument("--objectives", default="latency,size", help="what to minimise besides keeping accuracy: "
+                    "latency, size or both (default latency,size)")
+    sp.add_argument("--metric", choices=["auto", "top1", "cosine", "rel_error"], default="auto",
+                    help="built-in fidelity when no --eval (auto: top1 for score outputs, else cosine)")
+    sp.add_argument("--trials", type=int, default=20, help="pipelines to evaluate (default 20)")
+    sp.add_argument("--strategy", choices=["tpe", "nsga2", "random", "greedy", "exhaustive"], default="tpe",
+                    help="search strategy (default tpe)")
+    sp.add_argument("--space", metavar="SPACE.yaml", help="search space file (default: the built-in space)")
+    sp.add_argument("--reference", metavar="R1,R2", help="built-in recipes to evaluate alone as reference rows, "
+                    "e.g. int8,cluster-16")
+    sp.add_argument("--jobs", type=int, default=1, help="candidates built and scored in parallel (default 1)")
+    sp.add_argument("--executor", choices=["local", "ray"], default="local",
+                    help="local process pool (default) or a Ray cluster")
+    sp.add_argument("--address", help="with --executor ray: HOST:PORT, ray://HOST:PORT or auto")
+    sp.add_argument("--fallback-local", action="store_true",
+                    help="run locally when Ray is missing or unreachable (otherwise that is an error)")
+    sp.add_argument("--resume", action="store_true", help="continue the search stored in DIR/search.db")
+    sp.add_argument("--no-cache", action="store_true", help="build every pipeline from the input model "
+                    "(no reuse of shared prefixes)")
+    sp.add_argument("--cache-dir", metavar="DIR", help="intermediate models (default DIR/cache); share it "
+                    "between searches of the same model and data")
+    sp.add_argument("--proxy-samples", type=int, default=32, help="samples of the cheap fidelity check that "
+                    "skips hopeless candidates before the full evaluation (0: off; default 32)")
+    sp.add_argument("--latency-runs", type=int, default=20, help="paired timed runs per candidate (default 20)")
+    sp.add_argument("--threads", type=int, default=1, help="ORT intra-op threads when timing (default 1)")
+    sp.add_argument("--seed", type=int, default=0)
+    sp.add_argument("-q", "--quiet", action="store_true", help="no progress display or summary")
+    sp.set_defaults(fn=cmd_search)
     return p
 
 

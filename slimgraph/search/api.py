@@ -215,7 +215,7 @@ def _study(out: Path, plan, strategy: str, seed: int, trials: int, resume: bool,
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
-    sampler = (optuna_sampler(strategy, seed=seed, trials=trials, constraints_func=_constraints)
+    sampler = (optuna_sampler(strategy, seed=seed, trials=trials)
                if strategy in ("tpe", "nsga2") else optuna.samplers.RandomSampler(seed=seed))
     study = optuna.create_study(
         study_name=STUDY, storage=f"sqlite:///{out / DB_NAME}", load_if_exists=resume, sampler=sampler,
@@ -230,10 +230,6 @@ def _study(out: Path, plan, strategy: str, seed: int, trials: int, resume: bool,
         raise DataError(f"--resume: the stored search differs in {changed} (stored {[stored.get(k) for k in changed]}); "
                         "resume with the same model, strategy, objectives and --max-drop, or use a new folder")
     return study
-
-
-def _constraints(trial) -> list[float]:
-    return trial.user_attrs.get("constraint", [1.0])
 
 
 # --- the loop ------------------------------------------------------------------------------------------
@@ -328,15 +324,16 @@ class _Driver:
         from optuna.trial import TrialState
 
         rec["number"] = number
-        constraint = [rec["drop"] - self.max_drop] if rec.get("drop") is not None else [1.0]
+        # the accuracy budget, as optuna's constraint (feasible when <= 0)
+        constraint = rec["drop"] - self.max_drop if rec.get("drop") is not None else 1.0
         state = {"ok": TrialState.COMPLETE, "pruned": TrialState.PRUNED}.get(rec["status"], TrialState.FAIL)
         values = obj.values(rec, self.objectives) if state == TrialState.COMPLETE else None
-        attrs = {"record": _jsonable(rec), "constraint": constraint}
         if trial is None:
-            study.add_trial(optuna.trial.create_trial(state=state, values=values, user_attrs=attrs))
+            study.add_trial(optuna.trial.create_trial(state=state, values=values, user_attrs={"record": _jsonable(rec)},
+                                                      constraints={"max_drop": constraint}))
             return
-        for k, v in attrs.items():
-            trial.set_user_attr(k, v)
+        trial.set_user_attr("record", _jsonable(rec))
+        trial.set_constraint("max_drop", constraint)
         study.tell(trial, values, state=state)
 
 

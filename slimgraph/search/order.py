@@ -93,9 +93,18 @@ def check_space(space: Space) -> None:
             cycle = " -> ".join(a for a, _ in nx.find_cycle(g))
             raise SpaceError(f"{space.source}: contradictory space: the order constraints of stage "
                              f"{stage.name!r} form a cycle ({cycle})")
-    optional = [i for s in space.stages if s.pick != "all" for i in s.items]
-    if optional and not any(legal(tuple(fixed) + (i.name,)) or legal((i.name, *fixed)) for i in optional):
-        raise SpaceError(f"{space.source}: contradictory space: none of {[i.name for i in optional]} may run "
-                         f"together with the fixed passes {fixed}; only the unmodified model would be tried")
+    optional, placeable = [], []
+    for k, stage in enumerate(space.stages):
+        if stage.pick == "all":
+            continue
+        before = [i.name for s in space.stages[:k] if s.pick == "all" for i in s.items]
+        after = [i.name for s in space.stages[k + 1:] if s.pick == "all" for i in s.items]
+        for item in stage.items:
+            optional.append(item.name)
+            if legal((*before, item.name, *after)):
+                placeable.append(item.name)
+    if optional and not placeable:
+        raise SpaceError(f"{space.source}: contradictory space: none of {optional} may run where its stage puts "
+                         f"it among the fixed passes {fixed}; only the unmodified model would be tried")
     if not optional and not fixed:
         raise SpaceError(f"{space.source}: empty space: no stage offers a pass")

@@ -272,11 +272,12 @@ def make_strategy(name: str, space: Space, *, study=None, score=None, seed: int 
     raise PipelineError(f"unknown strategy {name!r}: choose one of {', '.join(STRATEGIES)}")
 
 
-def optuna_sampler(name: str, *, seed: int, trials: int, constraints_func):
+def optuna_sampler(name: str, *, seed: int, trials: int):
+    """TPE or NSGA-II sized for a short search; both read the accuracy budget from each
+    trial's `max_drop` constraint (set by the driver)."""
     import optuna
 
     if name == "tpe":
         return optuna.samplers.TPESampler(seed=seed, n_startup_trials=min(10, max(2, trials // 4)),
-                                          multivariate=True, group=True, constraints_func=constraints_func)
-    return optuna.samplers.NSGAIISampler(seed=seed, population_size=max(4, min(16, trials // 4)),
-                                         constraints_func=constraints_func)
+                                          multivariate=True, group=True)
+    return optuna.samplers.NSGAIISampler(seed=seed, population_size=max(4, min(16, trials // 4)))
