@@ -71,6 +71,9 @@ class ShortNames(Pass):
         for node in graph:
             if PACK_KEY in node.metadata_props:
                 marked[id(node)] = node.metadata_props[PACK_KEY].split(":", 1)[0]
+        for node in graph:  # before shapes are cleared: kernel_shape is checked against them
+            for key in _defaulted(node, model.ir.opset_imports.get(node.domain or "", 1)):
+                del node.attributes[key]
         for value in list(graph.initializers.values()):
             if value.name not in interface:
                 value.name, renamed = next(names), renamed + 1
@@ -78,8 +81,6 @@ class ShortNames(Pass):
                     value.shape, value.type = None, None
         for node in graph:
             node.name, node.doc_string = "", None
-            for key in _defaulted(node, model.ir.opset_imports.get(node.domain or "", 1)):
-                del node.attributes[key]
             for out in node.outputs:
                 if out.name not in interface:
                     out.name, renamed = next(names), renamed + 1
@@ -98,13 +99,36 @@ class ShortNames(Pass):
                           {"renamed": renamed, "structure_bytes": f"{before} -> {after}"})
 
 
+#: attributes the schema gives no default but whose absence means the same (ONNX: "If not
+#: present, the stride defaults to 1 along each spatial axis", etc.): name -> the implied value
+#: of each element
+_IMPLIED = {"strides": 1, "dilations": 1, "pads": 0}
+_SPATIAL = {"Conv", "ConvInteger", "QLinearConv", "ConvTranspose", "MaxPool", "AveragePool", "LpPool"}
+#: ops whose kernel_shape, when present, must equal the weight's spatial dims (input 1 or 3)
+_KERNEL_FROM_WEIGHT = {"Conv": 1, "ConvInteger": 1, "QLinearConv": 3}
+
+
+def _implied(node: ir.Node) -> list[str]:
+    """Spatial attributes of `node` equal to what their absence means."""
+    if node.domain not in ("", "ai.onnx") or node.op_type not in _SPATIAL:
+        return []
+    found = [k for k, a in node.attributes.items() if k in _IMPLIED and all(v == _IMPLIED[k] for v in a.value)]
+    widx = _KERNEL_FROM_WEIGHT.get(node.op_type)
+    if widx is not None and "kernel_shape" in node.attributes and len(node.inputs) > widx:
+        shape = node.inputs[widx].shape
+        if shape is not None and shape.is_static() and list(shape)[2:] == list(node.attributes["kernel_shape"].value):
+            found.append("kernel_shape")
+    return found
+
+
 def _defaulted(node: ir.Node, opset: int) -> list[str]:
-    """Attributes of `node` whose value is its schema's default."""
+    """Attributes of `node` whose value is its schema's default, or the value their absence
+    implies."""
+    found = _implied(node)
     try:
         schema = onnx.defs.get_schema(node.op_type, opset, node.domain or "")
     except onnx.defs.SchemaError:
-        return []  # not a registered op (a custom domain): nothing known about defaults
-    found = []
+        return found  # not a registered op (a custom domain): nothing known about defaults
     for key, attr in node.attributes.items():
         spec = schema.attributes.get(key)
         if spec is None or spec.default_value.type == onnx.AttributeProto.UNDEFINED:
@@ -117,7 +141,7 @@ def _defaulted(node: ir.Node, opset: int) -> list[str]:
             same = list(value) == list(default) if isinstance(value, (list, tuple)) and isinstance(default, (list, tuple)) else False
         else:
             same = type(value) in (int, float, str) and value == default
-        if same:
+        if same and key not in found:
             found.append(key)
     return found
 

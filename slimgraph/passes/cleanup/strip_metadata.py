@@ -3,7 +3,8 @@
 torch's dynamo exporter writes each node's Python namespace, class hierarchy and name
 scopes into its metadata_props, and onnxscript's rewriter the rule that made it: about
 1 KB per node, which is most of a compressed small model's file; into the graph's
-metadata_props it writes the ExportedProgram's graph signature (a line per parameter). slimgraph's own keys
+metadata_props it writes the ExportedProgram's graph signature (a line per parameter), and
+into the graph inputs' the export's input specs. slimgraph's own keys
 (`slimgraph.*`: provenance, annotations, pack marks) are kept unless `keep_slimgraph`
 is false; the provenance (torch module path) already says where a node came from.
 """
@@ -33,9 +34,12 @@ class StripMetadata(Pass):
                 if not (self.config.keep_slimgraph and key.startswith(prefix)):
                     del node.metadata_props[key]
                     removed += 1
-        for graph in (model.graph, *model.graph.subgraphs()):
-            for key in list(graph.metadata_props):
+        graphs = (model.graph, *model.graph.subgraphs())
+        values = [v for g in graphs for v in (*g.inputs, *g.outputs, *g.initializers.values())]
+        values += [v for n in model.nodes(recursive=True) for v in n.outputs]
+        for holder in (*graphs, *values):
+            for key in list(holder.metadata_props):
                 if not (self.config.keep_slimgraph and key.startswith(prefix)):
-                    del graph.metadata_props[key]
+                    del holder.metadata_props[key]
                     removed += 1
         return PassResult(model, removed > 0, {"entries_removed": removed})

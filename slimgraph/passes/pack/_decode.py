@@ -41,9 +41,14 @@ class DecodeBuilder:
         return v
 
     def constant(self, array: np.ndarray, name: str) -> ir.Value:
-        """A small constant shared by every decode subgraph of this run."""
+        """A small constant shared by every decode subgraph of this run, and by those of
+        earlier pack passes (an initializer already under `name` with the same content)."""
         if name not in self._shared:
-            self._shared[name] = self.init(array, name)
+            array = np.asarray(array)
+            found = self.graph.initializers.get(name)
+            same = (found is not None and found.const_value is not None and found.const_value.dtype.numpy() == array.dtype
+                    and found.const_value.numpy().shape == array.shape and np.array_equal(found.const_value.numpy(), array))
+            self._shared[name] = found if same else self.init(array, name)
         return self._shared[name]
 
     def node(self, op: str, inputs: list[ir.Value], target: str, out_name: str | None = None, **attrs) -> ir.Value:
