@@ -6,16 +6,33 @@ layer with the same MACs. So the counts are chosen by measured time:
 
 1. `LatencyTable`: the ORT CPU latency of one layer alone (a one-node Conv / ConvTranspose
    / Gemm / MatMul model built with `onnx.helper`, batch 1, `threads` threads, spinning off,
-   median of `runs` runs after warm-up), keyed by the layer's shape signature
+   fastest of `runs` runs after warm-up), keyed by the layer's shape signature
    (`LayerShape.key`: op, input shape, weight shape, group, strides, pads, dilations).
    Entries are measured on first use only and cached in
    `<cache root>/latency/<cpu model>-<ort version>-<threads>t.json` (atomic writes,
    merged with what other processes wrote meanwhile).
-2. `choose_keep`: the model's predicted latency is the sum over its weight layers of their
-   table latency at the kept input/output channel counts (other ops are not modelled).
-   Starting from every group whole, a greedy repeatedly takes one `multiple`-step off the
-   group with the most predicted time saved per unit of importance lost (scores normalised
-   to a mean of 1 per group; the lowest-scoring channels go first), never below the
+2. `calibrate` (on by default in the pass): a layer timed alone finds its weights hot in
+   cache; inside the model they stream from memory, after the weights of the layers before
+   it. So small-spatial, weight-heavy layers (ResNet-18's 512-channel 7x7 convs) cost up
+   to twice their table time in the model, while early high-resolution layers cost about
+   their table time (measured with ORT's profiler, see benchmarks/results/prune.md). A
+   layer's cost is therefore `a * table latency + b * weight MB`, with (a, b) fitted by
+   non-negative least squares to end-to-end ORT timings of a few pruned variants of the
+   model itself (dense, every group halved, the weight-heavy half of the groups cut to a
+   quarter, the compute-heavy half cut to a quarter), timed interleaved in one
+   `ort.bench` call (a few seconds on ResNet-18). Without calibration a = 1, b = 0.
+3. `choose_keep`: the model's predicted latency is the sum over its weight layers of their
+   cost at the kept input/output channel counts (other ops are not modelled).
+   Starting from every group whole, a greedy repeatedly cuts the group, by one to
+   `LOOKAHEAD` `multiple`-steps, with the most predicted time saved per unit of importance
+   lost (the lowest-scoring
+   channels go first). Importance is `structured.importance_kept`'s: the geometric mean
+   over groups of the share of each group's score kept, so a step's loss is the drop of
+   log(share) of its group. That counts every layer's width alike and makes each further
+   cut of an already thin group dearer: with a plain sum of scores, a channel of a
+   56x56 layer costs 64x the time of a 7x7 one for the same importance, and the greedy
+   squeezed ResNet-18's first stages to 8 channels while keeping the last one whole.
+   Never below the
    group's floor (`min_keep`, `min_channels`, one `multiple`), until the prediction is
    down by `target` of its reducible part: goal = floor + (1 - target) * (dense - floor),
    where floor is the prediction with every group at its floor (a layer's fixed overhead
@@ -46,7 +63,9 @@ from slimgraph.passes.prune.channels import ChannelAnalysis, _constant, estimate
 
 logger = logging.getLogger("slimgraph.passes.prune")
 
-TABLE_VERSION = 1
+#: counts tried below a group's current one per greedy step
+LOOKAHEAD = 4
+TABLE_VERSION = 2  # 2: the minimum over runs (1: the median, skewed by other processes' load)
 WEIGHT_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
 #: attributes that change a layer's kernel, hence part of its signature
 SHAPE_ATTRS = {
@@ -173,8 +192,15 @@ def _slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9]+", "-", text).strip("-")[:80] or "cpu"
 
 
+#: environment variable naming the table file to use instead of the default one
+TABLE_ENV = "SLIMGRAPH_LATENCY_TABLE"
+
+
 def default_path(threads: int = 2, cache_dir: str | os.PathLike | None = None) -> Path:
-    """`<cache root>/latency/<cpu model>-<ort version>-<threads>t.json`."""
+    """`$SLIMGRAPH_LATENCY_TABLE` when set (a benchmark measuring a fresh, self-consistent
+    table), else `<cache root>/latency/<cpu model>-<ort version>-<threads>t.json`."""
+    if os.environ.get(TABLE_ENV) and cache_dir is None:
+        return Path(os.environ[TABLE_ENV])
     import platform
 
     import onnxruntime
@@ -192,8 +218,8 @@ class LatencyTable:
     `latency(shape)` measures a signature on first use; `save()` writes new entries
     (merged with the file's current content). Use as a context manager to save on exit."""
 
-    def __init__(self, path: str | os.PathLike | None = None, *, threads: int = 2, runs: int = 20,
-                 warmup: int = 3, progress: bool = True):
+    def __init__(self, path: str | os.PathLike | None = None, *, threads: int = 2, runs: int = 12,
+                 warmup: int = 2, progress: bool = True):
         self.path = Path(path) if path is not None else default_path(threads)
         self.threads, self.runs, self.warmup = threads, runs, warmup
         self.entries: dict[str, float] = self._read()
@@ -242,7 +268,7 @@ class LatencyTable:
         self.save()
 
     def latency(self, shape: LayerShape) -> float:
-        """Median ms of the layer alone; measured once per signature."""
+        """ms of the layer alone (fastest of `runs`); measured once per signature."""
         key = shape.key()
         if key not in self.entries:
             self.entries[key] = self._measure(shape)
@@ -262,7 +288,9 @@ class LatencyTable:
             start = time.perf_counter()
             sess.run(None, feed)
             times[i] = time.perf_counter() - start
-        return float(np.median(times) * 1e3)
+        # the minimum: other processes only ever add time, and a table measured over hours
+        # must compare shapes timed under different loads (the median drifted 2x)
+        return float(np.min(times) * 1e3)
 
     def _advance(self) -> None:
         if not self._progress:
@@ -275,6 +303,90 @@ class LatencyTable:
             bar.start()
             self._bar = (bar, bar.add_task("measure", total=None))
         self._bar[0].advance(self._bar[1])
+
+
+# --- calibration ----------------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class Calibration:
+    """In-model cost of a layer: `a * table ms + b * weight MB` (+ `c` per model run)."""
+
+    a: float = 1.0
+    b: float = 0.0
+    c: float = 0.0
+    #: (table ms, weight MB, measured ms) per calibration variant
+    points: tuple[tuple[float, float, float], ...] = ()
+
+    def cost(self, ms: float, mb: float) -> float:
+        return self.a * ms + self.b * mb
+
+
+def _weight_mb(shape: LayerShape) -> float:
+    return float(np.prod(shape.w)) * 4 / 2**20
+
+
+def _pruned_copy(model: Model, counts: Mapping[int, int]) -> Model:
+    """A copy of `model` with group g cut to its first `counts[g]` channels (which channels
+    does not matter for timing)."""
+    from slimgraph.passes.prune.channels import analyze
+
+    copy = model.clone()
+    analysis = analyze(copy)
+    keep = {gid: np.arange(k) for gid, k in counts.items() if k < analysis.groups[gid].size}
+    if keep:
+        analysis.apply(copy, keep)
+    return copy
+
+
+def calibrate(model: Model, analysis: ChannelAnalysis, group_ids, table: LatencyTable, *,
+              runs: int = 15, floors: Mapping[int, int] | None = None) -> Calibration:
+    """Fit (a, b) of `Calibration` to end-to-end ORT timings of pruned variants of `model`
+    (see the module docstring); the identity calibration when the fit is degenerate."""
+    from scipy.optimize import nnls
+
+    from slimgraph.backends import ort
+
+    group_ids = sorted(group_ids)
+    if not group_ids:
+        return Calibration()
+    layers = _layers(model, analysis, set(group_ids))
+    sizes = {gid: analysis.groups[gid].size for gid in group_ids}
+    floors = floors or {gid: 1 for gid in group_ids}
+
+    def cut(gids, keep: float) -> dict[int, int]:
+        return {gid: (max(floors[gid], int(round(sizes[gid] * keep))) if gid in gids else sizes[gid])
+                for gid in group_ids}
+
+    # groups ordered by weight MB per table ms of their layers: weight-heavy last
+    def heaviness(gid: int) -> float:
+        ls = [layer for layer in layers if gid in layer.groups]
+        ms = sum(table.latency(layer.shape) for layer in ls)
+        return sum(_weight_mb(layer.shape) for layer in ls) / max(ms, 1e-9)
+
+    ordered = sorted(group_ids, key=heaviness)
+    half = len(ordered) // 2
+    variants = {"dense": cut((), 1.0), "half": cut(group_ids, 0.5)}
+    if half:
+        variants["light"] = cut(ordered[:half], 0.25)
+        variants["heavy"] = cut(ordered[half:], 0.25)
+    features = {}
+    for name, counts in variants.items():
+        shapes = [_resized(analysis, layer, counts) for layer in layers]
+        features[name] = (sum(table.latency(sh) for sh in shapes), sum(_weight_mb(sh) for sh in shapes))
+    try:
+        models = {name: _pruned_copy(model, counts) for name, counts in variants.items()}
+        stats = ort.bench(models, None, runs=runs, warmup=3, threads=table.threads)
+    except Exception as e:  # noqa: BLE001 - calibration is an refinement; the table alone still works
+        logger.warning("latency calibration failed (%s: %s); using the table alone", type(e).__name__, e)
+        return Calibration()
+    points = tuple((features[n][0], features[n][1], stats[n].median) for n in variants)
+    x = np.array([[ms, mb, 1.0] for ms, mb, _ in points])
+    y = np.array([t for _, _, t in points])
+    (a, b, c), _ = nnls(x, y)
+    if a <= 0:
+        logger.warning("latency calibration is degenerate (a=%.3g, b=%.3g); using the table alone", a, b)
+        return Calibration(points=points)
+    logger.info("latency calibration: in-model ms = %.3f * table ms + %.3f * weight MB + %.3f", a, b, c)
+    return Calibration(float(a), float(b), float(c), points)
 
 
 # --- choosing counts --------------------------------------------------------------------------------
@@ -312,15 +424,23 @@ def _kept(analysis: ChannelAnalysis, root: str | None, counts: Mapping[int, int]
     return max(1, int(round(full * kt[0] / kt[1])))
 
 
-def _layer_latency(table: LatencyTable, analysis: ChannelAnalysis, layer: _Layer, counts: Mapping[int, int]) -> float:
+def _resized(analysis: ChannelAnalysis, layer: _Layer, counts: Mapping[int, int]) -> LayerShape:
+    """The layer's signature when group g keeps `counts[g]` channels."""
     if not layer.groups:
-        return table.latency(layer.shape)
+        return layer.shape
     cin, cout = layer.shape.channels()
     if layer.depthwise:
         c = _kept(analysis, layer.root_out, counts, cout)
-        return table.latency(layer.shape.resized(c, c))
-    return table.latency(layer.shape.resized(_kept(analysis, layer.root_in, counts, cin),
-                                             _kept(analysis, layer.root_out, counts, cout)))
+        return layer.shape.resized(c, c)
+    return layer.shape.resized(_kept(analysis, layer.root_in, counts, cin),
+                               _kept(analysis, layer.root_out, counts, cout))
+
+
+def _layer_latency(table: LatencyTable, analysis: ChannelAnalysis, layer: _Layer, counts: Mapping[int, int],
+                   calibration: Calibration | None = None) -> float:
+    shape = _resized(analysis, layer, counts)
+    ms = table.latency(shape)
+    return ms if calibration is None else calibration.cost(ms, _weight_mb(shape))
 
 
 def _uniform_counts(analysis: ChannelAnalysis, group_ids, ratio: float, multiple: int, min_channels: int) -> dict[int, int]:
@@ -367,62 +487,79 @@ def _step_down(count: int, multiple: int) -> int:
 
 
 def choose_keep(model: Model, analysis: ChannelAnalysis, scores: Mapping[int, np.ndarray], config, *,
-                table: LatencyTable | None = None, progress: bool = True) -> dict[int, int]:
+                table: LatencyTable | None = None, progress: bool = True,
+                info: dict | None = None) -> dict[int, int]:
     """Kept channel count per group of `scores` (group id -> per-channel importance) so
     that the predicted latency meets the target at the least importance lost (see the
     module docstring). `model` and `analysis` are not modified. `table`: a `LatencyTable`
-    (default: the cached one for this CPU, ORT version and 2 threads)."""
+    (default: the cached one for this CPU, ORT version and 2 threads). `config.calibrate`
+    (default off here, on in the pass) fits the in-model cost first (`calibrate`). `info`,
+    when given, receives the calibration and the predicted latencies."""
     table = table if table is not None else LatencyTable(progress=progress)
     try:
-        return _greedy(model, analysis, scores, config, table)
+        return _greedy(model, analysis, scores, config, table, info if info is not None else {})
     finally:
         table.close()
 
 
-def _greedy(model, analysis, scores, config, table) -> dict[int, int]:
+def _greedy(model, analysis, scores, config, table, info: dict) -> dict[int, int]:
     group_ids = {gid for gid in scores if analysis.groups[gid].safe}
     multiple = int(getattr(config, "multiple", 1))
     layers = _layers(model, analysis, group_ids)
     counts = {gid: analysis.groups[gid].size for gid in group_ids}
     floors = {gid: _floor(analysis.groups[gid].size, config) for gid in group_ids}
-    # importance lost by keeping the top-k: suffix sums of the scores sorted high to low
+    cal = None
+    if getattr(config, "calibrate", False):
+        cal = calibrate(model, analysis, group_ids, table, floors=floors)
+
+    def cost(layer: _Layer, c: Mapping[int, int]) -> float:
+        return _layer_latency(table, analysis, layer, c, cal)
+
+    # lost_at[k]: -log(share of the group's score kept by its top k channels)
     lost_at: dict[int, np.ndarray] = {}
     for gid in group_ids:
         s = np.sort(np.asarray(scores[gid], dtype=np.float64))[::-1]
-        mean = float(np.mean(s)) if len(s) else 1.0
-        s = s / mean if mean > 0 else s
-        lost_at[gid] = np.concatenate([np.cumsum(s[::-1])[::-1], [0.0]])  # lost_at[k]: channels k.. removed
+        s = s if s.sum() > 0 else np.ones_like(s)
+        share = np.concatenate([[0.0], np.cumsum(s)]) / s.sum()
+        lost_at[gid] = -np.log(np.maximum(share, 1e-12))
     by_group: dict[int, list[_Layer]] = {gid: [] for gid in group_ids}
     for layer in layers:
         for gid in layer.groups:
             by_group[gid].append(layer)
-    current = {layer.name: _layer_latency(table, analysis, layer, counts) for layer in layers}
+    current = {layer.name: cost(layer, counts) for layer in layers}
     dense = sum(current.values())
     if dense <= 0 or not group_ids:
         return counts
     # what no pruning can remove: every group at its floor (small layers are mostly overhead)
-    floor = sum(_layer_latency(table, analysis, layer, floors) for layer in layers)
+    floor = sum(cost(layer, floors) for layer in layers)
     target = latency_target(model, analysis, group_ids, config)
     goal = floor + (1.0 - target) * max(dense - floor, 0.0)
     total = dense
     while total > goal:
-        best, best_value, best_times = None, -np.inf, None
+        best, best_value, best_step = None, -np.inf, None
         for gid in sorted(group_ids):
-            nxt = _step_down(counts[gid], multiple)
-            if nxt < floors[gid]:
-                continue
-            trial = {**counts, gid: nxt}
-            times = {layer.name: _layer_latency(table, analysis, layer, trial) for layer in by_group[gid]}
-            saved = sum(current[n] - t for n, t in times.items())
-            lost = float(lost_at[gid][nxt] - lost_at[gid][counts[gid]])
-            value = saved / max(lost, 1e-9)
-            if value > best_value:
-                best, best_value, best_times = gid, value, times
-        if best is None:  # every group at its floor: total == floor <= goal, so only by rounding
+            # a few steps ahead: measured latency is not monotone in the channel count (a
+            # 448-channel conv can be slower than the 512 one), one step would stop at a bump
+            nxt = counts[gid]
+            for _ in range(LOOKAHEAD):
+                nxt = _step_down(nxt, multiple)
+                if nxt < floors[gid]:
+                    break
+                trial = {**counts, gid: nxt}
+                # a layer never gets dearer by losing channels: a measured bump up is noise
+                times = {layer.name: min(cost(layer, trial), current[layer.name]) for layer in by_group[gid]}
+                saved = sum(current[n] - t for n, t in times.items())
+                lost = float(lost_at[gid][nxt] - lost_at[gid][counts[gid]])  # >= 0: shares only shrink
+                value = saved / max(lost, 1e-9)
+                if saved > 0 and value > best_value:
+                    best, best_value, best_step = gid, value, (nxt, times)
+        if best is None:  # nothing left that saves time
             break
-        counts[best] = _step_down(counts[best], multiple)
-        current.update(best_times)
+        counts[best] = best_step[0]
+        current.update(best_step[1])
         total = sum(current.values())
+    info.update(predicted_ms=total, dense_ms=dense, floor_ms=floor, goal_ms=goal,
+                calibration=None if cal is None else {"a": cal.a, "b": cal.b, "c": cal.c, "points": cal.points})
     logger.info("prune.structured (latency): predicted %.3f ms of %.3f ms dense (floor %.3f, goal %.3f); "
                 "%d shapes measured", total, dense, floor, goal, table.measured)
     return counts

@@ -67,6 +67,8 @@ class PruneStructured(Pass):
         target_macs: float = _fraction(0.5)
         #: mode latency: fraction of the predicted latency to remove (None: see latency.py)
         target_latency: float | None = pydantic.Field(default=None, ge=0.0, lt=1.0)
+        #: mode latency: fit the layers' in-model cost to end-to-end timings first (latency.py)
+        calibrate: bool = True
         multiple: int = int_range(1, 64, default=8)
         min_channels: int = int_range(1, 1 << 16, default=1)
         samples: int = int_range(1, 4096, default=64)
@@ -93,6 +95,7 @@ class PruneStructured(Pass):
         macs = dict(model.analysis("macs"))
         scores = _importance.scores(model, analysis, groups, cfg.criterion, data=ctx.data,
                                     samples=cfg.samples, rng=ctx.rng())
+        self._latency_info: dict = {}
         counts = self._counts(model, analysis, groups, scores, macs)
         keep = {g.id: np.sort(np.argsort(-scores[g.id], kind="stable")[:counts[g.id]])
                 for g in groups if counts[g.id] < g.size}
@@ -111,9 +114,12 @@ class PruneStructured(Pass):
             "channels_after": sum(len(keep.get(g.id, range(g.size))) for g in groups),
             "macs_before": before["macs"], "macs_after": after["macs"],
             "params_before": before["params"], "params_after": after["params"],
+            "importance_kept": importance_kept(groups, scores, counts),
             "unsafe": unsafe[:20],
             "table": _table(weights_before, _layer_channels(model), macs, dict(model.analysis("macs"))),
         }
+        if self._latency_info:
+            stats["latency"] = self._latency_info
         return PassResult(model, modified=bool(keep) or folded, stats=stats)
 
     # -- which groups -------------------------------------------------------------------------
@@ -186,7 +192,8 @@ class PruneStructured(Pass):
             except ImportError:
                 raise PassError(self.name, "mode 'latency' needs slimgraph.passes.prune.latency, which is "
                                            "not installed in this build; use mode 'macs' or 'global'") from None
-            chosen = latency.choose_keep(model, analysis, {g.id: scores[g.id] for g in groups}, cfg)
+            chosen = latency.choose_keep(model, analysis, {g.id: scores[g.id] for g in groups}, cfg,
+                                         info=self._latency_info)
             return {g.id: int(min(max(1, chosen.get(g.id, g.size)), g.size)) for g in groups}
         normed = {g.id: scores[g.id] / max(float(np.max(scores[g.id])), 1e-12) for g in groups}
 
@@ -216,6 +223,20 @@ class PruneStructured(Pass):
             logger.warning("prune.structured: target_macs %.2f is out of reach of the safe groups "
                            "(min_keep %.2f); pruned as far as they allow", cfg.target_macs, cfg.min_keep)
         return best
+
+
+def importance_kept(groups: list[Group], scores: dict[int, np.ndarray], counts: dict[int, int]) -> float:
+    """The accuracy proxy that the latency mode trades against time, reported by every mode
+    so they can be compared: the geometric mean over groups of the share of each group's
+    score kept by its `counts[g]` best channels (every layer's width counts alike; a
+    group cut to a sliver drags the mean down, as a bottleneck drags accuracy)."""
+    logs = []
+    for g in groups:
+        s = np.sort(np.asarray(scores[g.id], dtype=np.float64))[::-1]
+        total = float(s.sum())
+        share = float(s[:counts.get(g.id, g.size)].sum()) / total if total > 0 else counts.get(g.id, g.size) / g.size
+        logs.append(np.log(max(share, 1e-12)))
+    return float(np.exp(np.mean(logs))) if logs else 1.0
 
 
 def _prepare(model: Model) -> bool:
