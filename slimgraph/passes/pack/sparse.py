@@ -43,7 +43,7 @@ from slimgraph.errors import PassError
 from slimgraph.ir.model import Model
 from slimgraph.passes.base import Pass, PassConfig, PassResult, choice, float_range, int_range, register_pass
 from slimgraph.passes.cluster._select import distinct_per_row, prepend
-from slimgraph.passes.pack import _gaps
+from slimgraph.passes.pack import _bundle, _gaps
 from slimgraph.passes.pack._decode import DecodeBuilder, pack_codes
 from slimgraph.passes.pack.unpack import pack_nodes
 
@@ -127,6 +127,10 @@ class PackSparse(Pass):
         #: later pack.clusters makes of it (ceil(log2(distinct values)) when <= 256 values,
         #: else the dtype's width)
         value_bits: int = int_range(0, 64, default=0)
+        #: tensors of at most 256 distinct non-zero values share one decode: gap + codebook
+        #: index codes over all of them end to end (see _bundle; best for small models, and
+        #: replaces a later pack.clusters for them)
+        bundle: bool = choice(False, True, default=False)
 
     def run(self, model: Model, ctx) -> PassResult:
         cfg = self.config
@@ -136,6 +140,7 @@ class PackSparse(Pass):
         builder = _Builder(model)
         decoders = {id(n) for n in pack_nodes(model)}
         table, before, after = [], 0, 0
+        bundled: list[tuple[_bundle.Member, ir.Value, float]] = []
         for name, value in list(model.graph.initializers.items()):
             tensor = value.const_value
             if (tensor is None or value.is_graph_input() or value.is_graph_output() or not value.uses()
@@ -148,6 +153,13 @@ class PackSparse(Pass):
                 continue
             mask, values, keep = split(array)
             sparsity = 1.0 - keep.mean()
+            if sparsity < cfg.min_sparsity:
+                continue
+            if cfg.bundle:
+                found = _bundle.member(name, array, keep, background(array))
+                if found is not None:
+                    bundled.append((found, value, sparsity))
+                    continue
             encoding, bits = self._encoding(keep, values)
             if encoding == "gaps":
                 codes, source = _gaps.encode(keep, bits)
@@ -157,7 +169,7 @@ class PackSparse(Pass):
             else:
                 size = packed_nbytes(array.size, len(values) - 1, array.itemsize, array.ndim)
                 rebuilt = rebuild(mask, values, array.shape)
-            if size >= array.nbytes or sparsity < cfg.min_sparsity:
+            if size >= array.nbytes:
                 continue
             if rebuilt.tobytes() != np.ascontiguousarray(array).tobytes():
                 raise PassError(self.name, f"{encoding} coding of {name!r} does not rebuild it bit for bit")
@@ -174,11 +186,37 @@ class PackSparse(Pass):
             table.append({"tensor": name, "shape": "x".join(map(str, array.shape)), "dtype": str(array.dtype),
                           "zeros": f"{sparsity:.1%}", "encoding": encoding + (f" {bits}-bit" if bits else ""),
                           "bytes": f"{array.nbytes} -> {size}"})
+        if bundled:
+            saved = self._bundle(builder, bundled, table)
+            before, after = before + saved[0], after + saved[1]
         if not table:
             return PassResult(model, False, {"packed": 0})
         prepend(model, builder.nodes)
         return PassResult(model, True, {"packed": len(table), "bytes": f"{before} -> {after}",
                                         "ratio": round(before / max(after, 1), 2), "table": table})
+
+    def _bundle(self, builder: _Builder, bundled: list, table: list[dict]) -> tuple[int, int]:
+        """Pack the bundle members (if that is smaller than their raw bytes): (bytes before, after)."""
+        members = [m for m, _, _ in bundled]
+        gap_bits, v, size = _bundle.plan(members)
+        raw = sum(m.array.nbytes for m in members)
+        if size >= raw:
+            return 0, 0
+        packed, count = _bundle.encode(members, gap_bits, v)
+        for m, rebuilt in zip(members, _bundle.rebuild(members, packed, count, gap_bits, v)):
+            if rebuilt.tobytes() != np.ascontiguousarray(m.array).tobytes():
+                raise PassError(self.name, f"bundle coding of {m.name!r} does not rebuild it bit for bit")
+        for m, value, _ in bundled:
+            builder.graph.initializers.pop(m.name)
+            value.name = f"{m.name}__dense"
+        outputs = _bundle.decode(builder, members, packed, count, gap_bits, v)
+        for (m, value, sparsity), out in zip(bundled, outputs):
+            out.shape, out.type = ir.Shape(m.array.shape), ir.TensorType(value.const_value.dtype)
+            value.replace_all_uses_with(out)
+            table.append({"tensor": m.name, "shape": "x".join(map(str, m.array.shape)), "dtype": str(m.array.dtype),
+                          "zeros": f"{sparsity:.1%}", "encoding": f"bundle {gap_bits}+{v}-bit",
+                          "bytes": f"{m.array.nbytes} -> (bundle)"})
+        return raw, size
 
     def _encoding(self, keep: np.ndarray, values: np.ndarray) -> tuple[str, int]:
         """("bitmask", 0) or ("gaps", bits), as configured or by estimated bits."""
