@@ -98,6 +98,8 @@ class PassContext:
 
     data: sample inputs, `{input_name: array[N, ...]}` (calibration / verification).
     labels: optional labels for training passes.
+    input_model: the pipeline's input model, as given (never to be modified), set by the
+        PassManager; `train.distill(teacher: input)` distils from it.
     """
 
     data: Mapping[str, np.ndarray] | None = None
@@ -106,6 +108,7 @@ class PassContext:
     target: str = "cpu"
     progress: bool = True
     options: dict[str, Any] = dataclasses.field(default_factory=dict)
+    input_model: Model | None = None
 
     def rng(self) -> np.random.Generator:
         return np.random.default_rng(self.seed)

@@ -169,6 +169,8 @@ class PassManager:
     # -- running ---------------------------------------------------------------------------
     def run(self, model: Model, ctx: PassContext | None = None) -> RunResult:
         ctx = ctx or PassContext()
+        if ctx.input_model is None:  # what `train.distill(teacher: input)` reads
+            ctx = dataclasses.replace(ctx, input_model=model)
         self.validate(ctx)
         start = time.perf_counter()
         work = model.clone()

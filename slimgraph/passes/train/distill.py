@@ -1,8 +1,11 @@
 """train.distill: knowledge distillation into the model being compressed.
 
 The student is the pipeline's model (pruned, clustered, ... and run through the torch
-executor); the teacher is any model `slimgraph.load` takes (an ONNX path, the original
-float model), evaluated once per batch by ONNX Runtime. The loss is
+executor); the teacher is any model `slimgraph.load` takes (an ONNX path), or `input`:
+the pipeline's own input model (so `prune.structured, train.distill(teacher=input)` is a
+recipe). The teacher runs once over the whole data set through ONNX Runtime, in batches,
+before training: its outputs (and matched features) are cached, not recomputed each epoch.
+The loss is
 
     T^2 * KL(softmax(teacher / T) || softmax(student / T))      (soft targets, Hinton et al.)
   + hard_weight * cross-entropy(student, labels)                  (when labels are given)
@@ -39,7 +42,7 @@ class Distill(Pass):
     before = ("quantize.*", "pack.*")
 
     class Config(_loop.TrainConfig):
-        #: the teacher: a model path (ONNX), evaluated with ONNX Runtime
+        #: the teacher: a model path (ONNX), or "input" (the pipeline's input model), run with ONNX Runtime
         teacher: str
         temperature: float = float_range(1.0, 20.0, default=4.0)
         #: "kl" (classifier logits), "mse" or "cosine" (embeddings)
@@ -58,10 +61,15 @@ class Distill(Pass):
         cfg = self.config
         data, labels = _loop.training_data(ctx, model, self.name, need_labels=cfg.hard_weight > 0)
         pairs = [self._pair(f) for f in cfg.features]
-        teacher = _Teacher(cfg.teacher, [t for _, t in pairs], self.name)
+        teacher = _Teacher(self._teacher_source(ctx), [t for _, t in pairs], self.name)
         model.graph.sort()
         student_model = _with_outputs(model, [s for s, _ in pairs], self.name)
         module = GraphModule(student_model)
+        first_out = module.output_names[0]
+        targets = teacher.outputs(data, cfg.batch_size)  # once, not per epoch
+        self._check_shapes(module, data, targets[0], first_out)
+        # the cached targets travel with their samples through the shuffled batches
+        keyed = {**data, **{f"{_TARGET}{i}": t for i, t in enumerate(targets)}}
         dev = _loop.device(cfg.device)
         module.to(dev)
         cons = _loop.constraints(module, model)
@@ -70,23 +78,17 @@ class Distill(Pass):
         opt, sched = _loop.optimizer(module.parameters(), cfg.optimizer, cfg.lr, cfg.weight_decay, steps, cfg.schedule)
         rng = np.random.default_rng(ctx.seed)
         torch.manual_seed(ctx.seed)
-        first_out = module.output_names[0]
         losses, start = [], time.perf_counter()
         with _loop.progress(ctx.progress, steps, self.name) as update:
-            for step, (feeds, y) in enumerate(_loop.batches(data, labels, cfg.batch_size, cfg.epochs, rng)):
-                t_out, t_feats = teacher(feeds)
-                inputs = _loop.tensors(feeds, dev)
-                outs = module(**inputs, as_dict=True)
+            for step, (feeds, y) in enumerate(_loop.batches(keyed, labels, cfg.batch_size, cfg.epochs, rng)):
+                t_out, *t_feats = (torch.from_numpy(feeds.pop(f"{_TARGET}{i}")).to(dev) for i in range(len(targets)))
+                outs = module(**_loop.tensors(feeds, dev), as_dict=True)
                 student = outs[first_out]
-                target = torch.from_numpy(t_out).to(dev)
-                if student.shape != target.shape:
-                    raise PassError(self.name, f"student output {first_out!r} has shape {tuple(student.shape)}, "
-                                    f"the teacher's {tuple(target.shape)}: they must match")
-                loss = self._soft(student, target)
+                loss = self._soft(student, t_out)
                 if cfg.hard_weight > 0:
                     loss = loss + cfg.hard_weight * torch.nn.functional.cross_entropy(student, torch.from_numpy(y).to(dev).long())
                 for (s_name, _), t_val in zip(pairs, t_feats):
-                    loss = loss + cfg.feature_weight * torch.nn.functional.mse_loss(outs[s_name], torch.from_numpy(t_val).to(dev))
+                    loss = loss + cfg.feature_weight * torch.nn.functional.mse_loss(outs[s_name], t_val)
                 value = _loop.step(module, loss, opt, sched, cons, step, self.name)
                 losses.append(value)
                 update(value)
@@ -95,7 +97,26 @@ class Distill(Pass):
             trained.graph.outputs.pop()
         model.ir = trained.ir
         return PassResult(model, True, {**_loop.summary(losses, steps, cfg.epochs, start),
+                                        "teacher_seconds": round(teacher.seconds, 2),
                                         "constrained_tensors": len(cons)})
+
+    def _teacher_source(self, ctx: PassContext):
+        if self.config.teacher != "input":
+            return self.config.teacher
+        if ctx.input_model is None:
+            raise PassError(self.name, "teacher 'input' is the pipeline's input model, but this pass runs outside "
+                            "a pipeline: give a model path as teacher")
+        return ctx.input_model.clone()
+
+    def _check_shapes(self, module, data: dict, target: np.ndarray, name: str) -> None:
+        """Compare the student's output with the teacher's on two samples, before training."""
+        import torch
+
+        with torch.no_grad():
+            probe = module(**_loop.tensors({k: v[:2] for k, v in data.items()}, "cpu"), as_dict=True)[name]
+        if tuple(probe.shape[1:]) != target.shape[1:]:
+            raise PassError(self.name, f"student output {name!r} has shape (N, {', '.join(map(str, probe.shape[1:]))}), "
+                            f"the teacher's (N, {', '.join(map(str, target.shape[1:]))}): they must match")
 
     def _pair(self, text: str) -> tuple[str, str]:
         if text.count("=") != 1:
@@ -116,27 +137,34 @@ class Distill(Pass):
                         reduction="batchmean", log_target=True) * t * t
 
 
+_TARGET = "\0teacher:"  # key prefix of the cached teacher outputs in a batch (no input is named so)
+
+
 class _Teacher:
     """The teacher on ORT: its first output, plus named intermediate tensors."""
 
-    def __init__(self, source: str, features: list[str], where: str):
-        from slimgraph.backends import ort
+    def __init__(self, source, features: list[str], where: str):
         from slimgraph.ir import load
 
         teacher = load(source)
         teacher = _with_outputs(teacher, features, where, role="teacher")
+        self.model = teacher
         self.inputs = [v.name for v in teacher.graph.inputs]
         self.first = teacher.graph.outputs[0].name
         self.features = features
-        self.session = ort.session(teacher)
-        self._run = ort.run
+        self.seconds = 0.0
 
-    def __call__(self, feeds: dict[str, np.ndarray]) -> tuple[np.ndarray, list[np.ndarray]]:
-        missing = [k for k in self.inputs if k not in feeds]
+    def outputs(self, data: dict[str, np.ndarray], batch_size: int) -> list[np.ndarray]:
+        """[first output, *features] over all of `data`, float32, run in batches."""
+        from slimgraph.backends import ort
+
+        missing = [k for k in self.inputs if k not in data]
         if missing:
             raise PassError("train.distill", f"the teacher needs inputs {missing} that the data lacks")
-        out = self._run(self.session, {k: feeds[k] for k in self.inputs})
-        return out[self.first], [out[f] for f in self.features]
+        start = time.perf_counter()
+        out = ort.run_batched(ort.session(self.model), {k: data[k] for k in self.inputs}, batch_size=batch_size)
+        self.seconds = time.perf_counter() - start
+        return [np.ascontiguousarray(out[k], dtype=np.float32) for k in [self.first, *self.features]]
 
 
 def _with_outputs(model: Model, names: list[str], where: str, role: str = "student") -> Model:

@@ -66,15 +66,45 @@ def drop_layers(module: Any, keep_every: int | None = None, keep: Sequence[int] 
     return student.eval()
 
 
-def export_student(module: Any, sentences: Sequence[str] | None = None):
+def export_student(module: Any, sentences: Sequence[str] | None = None, length: int | None = None):
     """The student as a slimgraph Model with `zoo.minilm()`'s inputs (input_ids,
-    attention_mask, token_type_ids: int64 [batch, MINILM_MAX_LENGTH]) and output."""
+    attention_mask, token_type_ids: int64 [batch, length], `length` defaulting to
+    MINILM_MAX_LENGTH) and output.
+
+    A shorter `length` gives a cheaper model to train on short sentences: attention masks
+    out the padding, so it computes the same embedding for every sentence that fits, and
+    its initializers have the same names and shapes as the full-length export's
+    (`copy_weights` moves the trained values back)."""
     import torch
 
     from slimgraph import zoo
     from slimgraph.ir.io import load
 
+    length = length or zoo.MINILM_MAX_LENGTH
+    if not 2 <= length <= zoo.MINILM_MAX_LENGTH:
+        raise SlimgraphError(f"length={length}: must be in 2..{zoo.MINILM_MAX_LENGTH}")
     feeds = zoo.minilm_inputs(list(sentences or ["An example sentence to trace the encoder.", "A second one."]))
-    example = tuple(torch.from_numpy(feeds[name]) for name in zoo.MINILM_INPUTS)
+    example = tuple(torch.from_numpy(feeds[name][:, :length]) for name in zoo.MINILM_INPUTS)
     return load(module.eval(), example_inputs=example, input_names=list(zoo.MINILM_INPUTS),
                 output_names=[zoo.MINILM_OUTPUT])
+
+
+def copy_weights(source, target):
+    """A copy of `target` whose initializers take the values of `source`'s initializers of
+    the same name (e.g. a student trained at a short sequence length back into its
+    full-length export). Every initializer of `target` must have a same-shaped match."""
+    import numpy as np
+    import onnx_ir as ir
+
+    from slimgraph.ir.model import Model
+
+    out: Model = target.clone()
+    src = source.graph.initializers
+    problems = [name for name, v in out.graph.initializers.items()
+                if name not in src or tuple(src[name].const_value.shape) != tuple(v.const_value.shape)]
+    if problems:
+        raise SlimgraphError(f"copy_weights: {len(problems)} initializer(s) of the target have no same-shaped "
+                             f"match in the source, e.g. {problems[:3]}: were both exported from one module?")
+    for name, v in out.graph.initializers.items():
+        v.const_value = ir.tensor(np.array(src[name].const_value.numpy()), name=name)
+    return out

@@ -82,6 +82,8 @@ class QuantizationAwareTraining(Pass):
         scale_lr: float = float_range(1e-6, 1.0, default=1e-3, log=True)
         batch_size: int = int_range(1, 4096, default=64, log=True)
         learn_scales: bool = choice(True, False, default=True)
+        #: weights quantized per output channel (False: one scale per tensor, as quantize.static's per_channel)
+        per_channel: bool = choice(True, False, default=True)
         #: calibration samples for the initial plan
         samples: int = int_range(1, 100_000, default=256, log=True)
         device: str = choice("auto", "cpu", "cuda", default="auto")
@@ -98,7 +100,7 @@ class QuantizationAwareTraining(Pass):
         cfg = self.config
         data, labels = _loop.training_data(ctx, model, self.name, need_labels=True)
         bits = "auto" if cfg.bits == "auto" else int(cfg.bits)
-        planned = StaticQuantize(weight_bits=bits if bits != 8 else 8, samples=cfg.samples).plan(model, ctx)
+        planned = StaticQuantize(weight_bits=bits, samples=cfg.samples, per_channel=cfg.per_channel).plan(model, ctx)
         if planned is None:
             return PassResult(model, False, {"quantized": 0})
         model.graph.sort()

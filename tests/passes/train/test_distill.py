@@ -55,6 +55,23 @@ def test_teacher_and_student_outputs_must_match(tmp_path):
                           [oh.make_tensor_value_info("y", onnx.TensorProto.FLOAT, ["N", 5])],
                           [onnx.numpy_helper.from_array(np.ones((64, 5), np.float32), "w")])
     onnx.save(oh.make_model(graph, opset_imports=[oh.make_opsetid("", 17)]), tmp_path / "t.onnx")
-    with pytest.raises(PassError, match=r"shape \(64, 10\), the teacher's \(64, 5\)"):
+    with pytest.raises(PassError, match=r"shape \(N, 10\), the teacher's \(N, 5\)"):
         slimgraph.run(zoo.digits_mlp(), f"train.distill(teacher='{tmp_path / 't.onnx'}')",
                       data={"input": zoo.digits_data().x_train[:64]})
+
+
+def test_teacher_runs_once_over_the_data_not_every_epoch(monkeypatch):
+    calls = []
+    real = ort.run_batched
+
+    def counting(model, data, **kw):
+        calls.append(len(next(iter(data.values()))))
+        return real(model, data, **kw)
+
+    monkeypatch.setattr(ort, "run_batched", counting)
+    d = zoo.digits_data()
+    teacher = str(zoo.digits_mlp())
+    result = slimgraph.run(teacher, f"train.distill(teacher='{teacher}', epochs=3, batch_size=32)",
+                           data={"input": d.x_train[:256]})
+    assert calls == [256]  # one batched pass over all 256 samples for 3 epochs x 8 steps
+    assert result.report.rows[-1].stats["steps"] == 24
