@@ -1,0 +1,393 @@
+"""The autotuner (issue 7): writes results/search.md, search_pareto_*.png, search_strategies.png.
+
+Sections (run all, or some with --only; each stores its numbers in results/search_<name>.json
+and the markdown is rebuilt from every stored section):
+
+- digits: the digits CNN, accuracy = real test top-1 (360 images) through an eval function,
+  calibration/training data = 512 training images with labels; the default space, TPE,
+  40 trials; built-in recipes applied alone as reference rows in the same run; is every
+  recipe dominated-or-equalled by a point of the front within a 1-point budget?
+- resnet18: the ResNet-18 shape (random weights, BN kept), fidelity = top-1 agreement with
+  the original on 16 random images, 0.01 budget; a narrowed space (no training: there are
+  no labels; cluster.kmeans takes ~40 s per call on this model under load).
+- minilm: all-MiniLM-L6-v2, cosine fidelity on real sentences, 0.01 budget, a narrowed
+  space (dynamic int8 / int4 weights / pruning; no k-means: ~1-2 min per candidate).
+- cache: the same search with the prefix cache on and off (greedy: each round extends the
+  best pipeline so far, so candidates share prefixes): wall time, same trials, same results.
+- strategies: greedy, random, TPE, NSGA-II at equal trial counts on the digits CNN:
+  hypervolume of the feasible points (drop / budget, latency ratio, size ratio vs (1, 1, 1)).
+
+Latency: ORT CPU, 1 thread, each candidate timed against the original in one interleaved
+`ort.bench` call (paired median ratio), one candidate at a time. The machine is shared
+(2 cores, other jobs running): the control row (the original timed against itself) shows
+the noise. `--quick` is a smoke run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import shutil
+import time
+
+import numpy as np
+
+import common
+from common import RESULTS, markdown_table, write_result
+
+import slimgraph  # noqa: E402
+from slimgraph import zoo  # noqa: E402
+from slimgraph.backends import ort  # noqa: E402
+from slimgraph.search import objectives as obj  # noqa: E402
+from slimgraph.search import search  # noqa: E402
+
+WORK = common.CACHE / "search"
+SECTIONS = ("digits", "resnet18", "minilm", "cache", "strategies")
+DIGITS_REFERENCES = ["int8", "int8-dynamic", "int4-weights", "prune-50", "sparse-80", "cluster-16", "deep-compression"]
+
+
+# --- models, data, eval functions --------------------------------------------------------------------
+@functools.lru_cache(maxsize=1)
+def _digits_test():
+    return zoo.digits_test_data()
+
+
+def digits_top1(path: str) -> dict:
+    """Real test top-1 of a digits model (the 360 held-out images)."""
+    d = _digits_test()
+    logits = next(iter(ort.run_batched(path, {"input": d["input"]}).values()))
+    return {"accuracy": float((logits.argmax(-1) == d["labels"]).mean())}
+
+
+def digits_data_path() -> str:
+    path = WORK / "digits_train512.npz"
+    if not path.is_file():
+        d = zoo.digits_data()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        np.savez(path, input=d.x_train[:512], labels=d.y_train[:512])
+    return str(path)
+
+
+def resnet_case():
+    case = next(c for c in common.torch_cases() if c.name == "resnet18")
+    path = WORK / "resnet_images16.npz"
+    if not path.is_file():
+        rng = np.random.default_rng(0)
+        np.savez(path, input=rng.standard_normal((16, 3, 224, 224)).astype(np.float32))
+    return str(case.path), str(path)
+
+
+def minilm_case(n: int):
+    path = WORK / f"minilm_sentences{n}.npz"
+    if not path.is_file():
+        np.savez(path, **zoo.minilm_inputs(zoo.minilm_sentences(n, seed=1)))
+    return str(zoo.minilm()), str(path)
+
+
+DIGITS_SPACE = None  # the built-in default space
+
+RESNET_SPACE = {"stages": [
+    {"name": "cleanup", "pick": "all", "passes": {"optimize": {}, "strip_metadata": {}}},
+    {"name": "structure", "pick": "one", "passes": {
+        "prune.structured": {"ratio": {"float": [0.1, 0.4]}},
+        "prune.magnitude": {"sparsity": {"float": [0.3, 0.8]}},
+        "lowrank.svd": {"energy": {"float": [0.9, 0.99]}}}},
+    {"name": "clustering", "pick": "one", "passes": {"cluster.kmeans": {"k": [16, 32]}}},
+    {"name": "quantization", "pick": "one", "passes": {
+        "quantize.static": {"per_channel": [True]}, "quantize.dynamic": {}}},
+    {"name": "packing", "pick": "any", "passes": {"pack.sparse": {}, "pack.clusters": {}}},
+]}
+
+MINILM_SPACE = {"stages": [
+    {"name": "cleanup", "pick": "all", "passes": {"optimize": {}, "strip_metadata": {}}},
+    {"name": "structure", "pick": "one", "passes": {"prune.magnitude": {"sparsity": {"float": [0.2, 0.6]}}}},
+    {"name": "quantization", "pick": "one", "passes": {
+        "quantize.dynamic": {"per_channel": [True, False], "embeddings": [True, False]},
+        "quantize.weight_only": {"bits": [4, 8], "block_size": [32, 128]}}},
+    {"name": "packing", "pick": "any", "passes": {"pack.sparse": {}}},
+]}
+
+CACHE_SPACE = {"stages": [
+    {"name": "cleanup", "pick": "all", "passes": {"optimize": {}, "strip_metadata": {}}},
+    {"name": "structure", "pick": "one", "passes": {"prune.magnitude": {"sparsity": [0.5, 0.7]}}},
+    {"name": "clustering", "pick": "one", "passes": {"cluster.kmeans": {"k": [16, 32]}}},
+    {"name": "quantization", "pick": "one", "passes": {"quantize.static": {"per_channel": [True]},
+                                                        "quantize.dynamic": {}}},
+    {"name": "packing", "pick": "any", "passes": {"pack.sparse": {}, "pack.clusters": {}}},
+]}
+
+
+# --- helpers -------------------------------------------------------------------------------------------
+def fresh(name: str):
+    out = WORK / name
+    shutil.rmtree(out, ignore_errors=True)
+    return out
+
+
+def control_noise(model: str, data: str, repeats: int = 5, runs: int = 20) -> list[float]:
+    """The original timed against itself, as in the search's lane: how far from 1 it reads."""
+    from slimgraph import data as sgdata
+
+    m = slimgraph.load(model)
+    arrays, _ = sgdata.load_npz(data, m)
+    feeds = sgdata.sample(arrays, sgdata.input_ranks(m), 0)
+    base = ort.session(model, threads=1)
+    out = []
+    for _ in range(repeats):
+        s = ort.bench({"a": base, "b": model}, feeds, runs=runs, warmup=3, threads=1)
+        out.append(round(s["b"].ratio_to(s["a"]), 4))
+    return out
+
+
+def covers(front: list[dict], ref: dict, objectives, tol: float) -> dict | None:
+    """A front point that dominates or equals `ref`: accuracy >=, size <=, latency <= within
+    the timing noise `tol` (relative)."""
+    for f in sorted(front, key=lambda r: -obj.score(r, objectives)):
+        if f["accuracy"] >= ref["accuracy"] and all(
+                f[f"{o}_ratio"] <= ref[f"{o}_ratio"] * (1 + (tol if o == "latency" else 0.0)) for o in objectives):
+            return f
+    return None
+
+
+def row_of(r: dict) -> list:
+    return [r.get("number", r["kind"]), r["status"] if r["status"] != "ok" else ("ok" if r["feasible"] else "over budget"),
+            _f(r.get("accuracy")), _f(r.get("drop"), "+.4f"), _f(r.get("latency_ratio"), ".3f"),
+            _f(r.get("size_ratio"), ".3f"), r.get("size_bytes") or "", f"`{r['pipeline']}`"]
+
+
+def _f(v, fmt=".4f"):
+    return "" if v is None else format(v, fmt)
+
+
+HEAD = ["trial", "status", "accuracy", "drop", "latency x", "size x", "bytes", "pipeline"]
+
+
+def run_compare(name: str, model: str, data: str, space, trials: int, max_drop: float, references, eval_fn=None,
+                metric="auto", strategy="tpe", latency_runs=20) -> dict:
+    out = fresh(name)
+    t0 = time.perf_counter()
+    result = search(model, data, output=out, eval=eval_fn, max_drop=max_drop, trials=trials, strategy=strategy,
+                    space=space, references=references, metric=metric, latency_runs=latency_runs, progress=False)
+    seconds = time.perf_counter() - t0
+    noise = control_noise(model, data, runs=latency_runs)
+    tol = max(0.05, 2 * max(abs(1 - r) for r in noise))
+    refs = []
+    for ref in result.references:
+        entry = {"recipe": ref["pipeline"], "record": ref}
+        if ref["status"] != "ok":
+            entry["verdict"], entry["by"] = "recipe failed", None
+        elif not ref["feasible"]:
+            entry["verdict"], entry["by"] = "recipe over budget (any front point beats it under the budget)", None
+        else:
+            by = covers(result.front, ref, result.objectives, tol)
+            entry["verdict"] = "dominated or equalled" if by else "NOT covered"
+            entry["by"] = by
+        refs.append(entry)
+    shutil.copyfile(out / "pareto.png", RESULTS / f"search_pareto_{name}.png")
+    return {"seconds": seconds, "trials": result.trials, "baseline": result.baseline, "front": result.front,
+            "best": result.best, "budget_met": result.budget_met, "references": refs, "noise": noise, "tol": tol,
+            "max_drop": max_drop, "notes": result.notes, "hypervolume": result.hypervolume(),
+            "met": all(e["verdict"] != "NOT covered" and e["verdict"] != "recipe failed" for e in refs)}
+
+
+# --- sections -------------------------------------------------------------------------------------------
+def section_digits(quick: bool) -> dict:
+    # a 60-90 us model: many paired runs (cheap) so that equal graphs read as equal
+    return run_compare("digits", str(zoo.digits_cnn()), digits_data_path(), DIGITS_SPACE, 8 if quick else 40, 0.01,
+                       DIGITS_REFERENCES, eval_fn=digits_top1, latency_runs=200)
+
+
+def section_resnet18(quick: bool) -> dict:
+    model, data = resnet_case()
+    return run_compare("resnet18", model, data, RESNET_SPACE, 4 if quick else 24, 0.01,
+                       ["int8", "prune-50", "cluster-16", "sparse-80", "int8-dynamic"], latency_runs=10)
+
+
+def section_minilm(quick: bool) -> dict:
+    model, data = minilm_case(32 if quick else 64)
+    return run_compare("minilm", model, data, MINILM_SPACE, 3 if quick else 12, 0.01,
+                       ["int8-dynamic", "int4-weights"], metric="cosine", latency_runs=10)
+
+
+def section_cache(quick: bool) -> dict:
+    model, data = resnet_case()
+    trials = 4 if quick else 10
+    runs = {}
+    for on in (True, False):
+        out = fresh(f"cache_{'on' if on else 'off'}")
+        t0 = time.perf_counter()
+        r = search(model, data, output=out, trials=trials, strategy="greedy", space=CACHE_SPACE, cache=on,
+                   latency_runs=10, progress=False)
+        runs["on" if on else "off"] = {"seconds": time.perf_counter() - t0, "trials": r.trials,
+                                       "build_seconds": sum(t["build_seconds"] for t in r.trials),
+                                       "hits": sum(t["cache_hits"] for t in r.trials)}
+    same_trials = [t["pipeline"] for t in runs["on"]["trials"]] == [t["pipeline"] for t in runs["off"]["trials"]]
+    same_results = all(a["status"] == b["status"] and a.get("accuracy") == b.get("accuracy")
+                       and a.get("size_bytes") == b.get("size_bytes")
+                       for a, b in zip(runs["on"]["trials"], runs["off"]["trials"]))
+    ratio = runs["on"]["seconds"] / runs["off"]["seconds"]
+    return {"runs": runs, "same_trials": same_trials, "same_results": same_results, "ratio": ratio,
+            "met": ratio <= 0.5 and same_trials and same_results, "model": "resnet18", "trials": trials}
+
+
+def section_strategies(quick: bool) -> dict:
+    trials = 6 if quick else 20
+    model, data = str(zoo.digits_cnn()), digits_data_path()
+    shared = WORK / "strategies_cache"  # the same intermediate models for every strategy (speed only)
+    out = {}
+    for strategy in ("greedy", "random", "tpe", "nsga2"):
+        t0 = time.perf_counter()
+        r = search(model, data, output=fresh(f"strategy_{strategy}"), eval=digits_top1, trials=trials,
+                   strategy=strategy, cache_dir=shared, progress=False)
+        out[strategy] = {"hypervolume": r.hypervolume(), "seconds": time.perf_counter() - t0,
+                         "feasible": sum(1 for t in r.trials if t["status"] == "ok" and t["feasible"]),
+                         "failed": sum(1 for t in r.trials if t["status"] == "failed"),
+                         "front": len(r.front), "best": r.best and r.best["pipeline"],
+                         "history": [obj.hypervolume(r.trials[: i + 1], r.objectives, r.max_drop)
+                                     for i in range(len(r.trials))]}
+    _plot_strategies(out)
+    return {"strategies": out, "trials": trials}
+
+
+def _plot_strategies(out: dict) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for name, s in out.items():
+        ax.plot(range(1, len(s["history"]) + 1), s["history"], label=name)
+    ax.set_xlabel("trials")
+    ax.set_ylabel("hypervolume (feasible points)")
+    ax.set_title("digits CNN: hypervolume after each trial")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(RESULTS / "search_strategies.png", dpi=110)
+    plt.close(fig)
+
+
+# --- markdown --------------------------------------------------------------------------------------------
+def md_compare(title: str, s: dict, what: str) -> str:
+    b = s["baseline"]
+    lines = [f"## {title}\n", what + "\n",
+             f"{len(s['trials'])} trials in {s['seconds']:.0f} s; baseline accuracy {b['accuracy']:.4f}, "
+             f"{b['size_bytes']} bytes, {b['latency_ms']:.3f} ms. Budget: drop <= {s['max_drop']}. "
+             f"Timing noise (control: the original timed against itself, 5 times): {s['noise']}; "
+             f"latency counts as equal within {s['tol']:.0%}.\n"]
+    for n in s["notes"]:
+        lines.append(f"Note: {n}\n")
+    lines.append("### Reference recipes applied alone, and the front point that covers each\n")
+    rows = []
+    for e in s["references"]:
+        r, by = e["record"], e["by"]
+        rows.append([f"`{e['recipe']}`", _f(r.get("accuracy")), _f(r.get("latency_ratio"), ".3f"),
+                     _f(r.get("size_ratio"), ".3f"), e["verdict"],
+                     "" if by is None else f"trial {by['number']}: acc {by['accuracy']:.4f}, latency x"
+                     f"{by['latency_ratio']:.3f}, size x{by['size_ratio']:.3f}"])
+    lines.append(markdown_table(["recipe", "accuracy", "latency x", "size x", "verdict", "covered by"], rows) + "\n")
+    lines.append("### Pareto front (within the budget)\n")
+    lines.append(markdown_table(HEAD, [row_of(r) for r in [b, *s["front"]]]) + "\n")
+    failed = [t for t in s["trials"] if t["status"] == "failed"]
+    pruned = [t for t in s["trials"] if t["status"] == "pruned"]
+    lines.append(f"{len(failed)} failed trial(s), {len(pruned)} stopped by the proxy check; every trial is in "
+                 f"`benchmarks/.cache/search/<section>/trials.csv` when run locally.\n")
+    if failed:
+        lines.append("Failures: " + "; ".join(f"trial {t['number']}: {t['error'][:160]}" for t in failed[:6]) + "\n")
+    return "\n".join(lines)
+
+
+def render() -> str:
+    found = {}
+    for name in SECTIONS:
+        path = RESULTS / f"search_{name}.json"
+        if path.is_file():
+            found[name] = json.loads(path.read_text())
+    targets = []
+    text = ["# Autotuner (`slimgraph search`, issue 7)\n", f"Machine: {common.machine()} (shared with other jobs).\n"]
+    if "digits" in found:
+        s = found["digits"]
+        text.append(md_compare("Digits CNN: test top-1, default space, TPE", s,
+                               "Accuracy = real test top-1 on 360 held-out images (an `--eval` function); data = 512 "
+                               "training images with labels (calibration, fine-tuning). "
+                               "![pareto](search_pareto_digits.png)"))
+        targets.append(["digits: front covers every recipe alone (<= 40 trials, 1-point budget)",
+                        f"{len(s['trials'])} trials", "yes" if s["met"] else "**no**"])
+    if "resnet18" in found:
+        s = found["resnet18"]
+        text.append(md_compare("ResNet-18 shape: top-1 agreement, narrowed space, TPE", s,
+                               "Random weights (BN kept); fidelity = top-1 agreement with the original on 16 random "
+                               "images (only fidelity is meaningful on random weights). ![pareto](search_pareto_resnet18.png)"))
+        targets.append(["ResNet-18: front covers every recipe alone (0.01 fidelity budget)",
+                        f"{len(s['trials'])} trials", "yes" if s["met"] else "**no**"])
+    if "minilm" in found:
+        s = found["minilm"]
+        text.append(md_compare("all-MiniLM-L6-v2: cosine fidelity, narrowed space, TPE", s,
+                               "Fidelity = mean cosine of the sentence embeddings to the original's on 64 real "
+                               "sentences. Narrowed space: no k-means / training (minutes per candidate). "
+                               "![pareto](search_pareto_minilm.png)"))
+        targets.append(["MiniLM: front covers every recipe alone (0.01 fidelity budget)",
+                        f"{len(s['trials'])} trials", "yes" if s["met"] else "**no**"])
+    if "cache" in found:
+        s = found["cache"]
+        on, off = s["runs"]["on"], s["runs"]["off"]
+        text.append("## Prefix cache on vs off\n")
+        text.append(f"ResNet-18 shape, greedy, {s['trials']} trials, space: cleanup, prune.magnitude, cluster.kmeans "
+                    "(k 16/32), quantize.static/dynamic, packing; `--jobs 1`.\n")
+        text.append(markdown_table(["cache", "wall (s)", "build (s, sum)", "steps reused"], [
+            ["on", f"{on['seconds']:.1f}", f"{on['build_seconds']:.1f}", on["hits"]],
+            ["off", f"{off['seconds']:.1f}", f"{off['build_seconds']:.1f}", off["hits"]]]) + "\n")
+        text.append(f"Time ratio on/off: **{s['ratio']:.2f}**; same trials: {s['same_trials']}; same results "
+                    f"(status, accuracy, bytes): {s['same_results']}.\n")
+        targets.append(["prefix cache: time on/off <= 1/2, same trials and results", f"{s['ratio']:.2f}",
+                        "yes" if s["met"] else "**no**"])
+    if "strategies" in found:
+        s = found["strategies"]
+        text.append("## Strategies at equal trial counts (digits CNN, default space)\n")
+        text.append(f"{s['trials']} trials each; hypervolume of the feasible points in (drop / 0.01, latency ratio, "
+                    "size ratio) against (1, 1, 1); latency is noisy on this shared machine, so small differences "
+                    "are within noise. ![strategies](search_strategies.png)\n")
+        text.append(markdown_table(["strategy", "hypervolume", "feasible", "failed", "front", "time (s)", "best"], [
+            [k, f"{v['hypervolume']:.4f}", v["feasible"], v["failed"], v["front"], f"{v['seconds']:.0f}",
+             f"`{v['best']}`"] for k, v in s["strategies"].items()]) + "\n")
+    text.insert(2, "## Targets\n\n" + markdown_table(["target", "measured", "met"], targets) + "\n")
+    return "\n".join(text)
+
+
+def _slim(obj_):
+    """The stored JSON without tracebacks and local paths (they are in the search folders)."""
+    if isinstance(obj_, dict):
+        return {k: _slim(v) for k, v in obj_.items() if k not in ("traceback", "path", "spec")}
+    if isinstance(obj_, list):
+        return [_slim(v) for v in obj_]
+    return obj_
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--only", default=",".join(SECTIONS), help=f"comma-separated sections of {SECTIONS}")
+    p.add_argument("--quick", action="store_true", help="smoke run: few trials")
+    p.add_argument("--no-torch", action="store_true", help="skip sections that need torch-exported models")
+    args = p.parse_args()
+    import torch
+
+    torch.set_num_threads(1)
+    WORK.mkdir(parents=True, exist_ok=True)
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    for name in [s for s in args.only.split(",") if s]:
+        if args.no_torch and name in ("resnet18", "cache"):
+            continue
+        t0 = time.perf_counter()
+        result = globals()[f"section_{name}"](args.quick)
+        (RESULTS / f"search_{name}.json").write_text(json.dumps(_slim(result), indent=1, default=str))
+        print(f"section {name}: {time.perf_counter() - t0:.0f} s", flush=True)
+    write_result("search", render())
+    stored = [json.loads((RESULTS / f"search_{n}.json").read_text()) for n in SECTIONS
+              if (RESULTS / f"search_{n}.json").is_file()]
+    return int(any(s.get("met") is False for s in stored))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
