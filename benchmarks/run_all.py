@@ -13,7 +13,7 @@ HERE = Path(__file__).resolve().parent
 BENCHMARKS = [
     "cleanup_vs_ort.py", "import_speed.py", "deep_compression_finetune.py", "quantize.py", "quantize_static.py", "quantize_transformers.py", "quantize_layers.py", "calibration_memory.py",
     "prune.py", "prune_sparse.py", "cluster.py",
-    "train.py",
+    "train.py", "search.py",
 ]
 
 
