@@ -145,15 +145,19 @@ def plot(result, path: Path) -> None:
             ("references", result.references and [r for r in result.references if r["status"] == "ok"], dict(c="tab:green", marker="s")),
             ("original", [result.baseline], dict(c="black", marker="*", s=120)),
         ]
+        # zoom on the budget: far worse points are drawn on the bottom edge
+        floor = result.baseline["accuracy"] - 4 * max(result.max_drop, 1e-3)
+        top = max([r["accuracy"] for r in ok] + [result.baseline["accuracy"]]) + max(result.max_drop, 1e-3)
         for label, rows, style in groups:
             if rows:
-                ax.scatter([r[f"{o}_ratio"] for r in rows], [r["accuracy"] for r in rows], label=label, **style)
+                ax.scatter([r[f"{o}_ratio"] for r in rows], [max(r["accuracy"], floor) for r in rows], label=label, **style)
         for r in result.references or []:
             if r["status"] == "ok":
-                ax.annotate(r["pipeline"], (r[f"{o}_ratio"], r["accuracy"]), fontsize=7)
+                ax.annotate(r["pipeline"], (r[f"{o}_ratio"], max(r["accuracy"], floor)), fontsize=7, rotation=20)
+        ax.set_ylim(floor - 0.3 * max(result.max_drop, 1e-3), top)
         ax.axhline(result.baseline["accuracy"] - result.max_drop, color="gray", ls="--", lw=0.8, label="budget")
         ax.set_xlabel(f"{o} (ratio to the original)")
-        ax.set_ylabel("accuracy")
+        ax.set_ylabel("accuracy (below the axis: drawn at its bottom)")
         ax.grid(alpha=0.3)
     axes[0][0].legend(fontsize=7)
     fig.suptitle(f"slimgraph search ({result.strategy}, {len(result.trials)} trials)")
