@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 import slimgraph
+from slimgraph.backends import ort
 from slimgraph.passes.cleanup.infer_shapes import InferShapes
 from slimgraph.passes.prune.channels import analyze
 from tests.helpers import assert_same_outputs
@@ -540,3 +541,58 @@ def test_concat_then_split_elsewhere_is_unsafe(rng):
     a = groups_of(model)
     assert not a.safe_groups()
     assert any("split two incompatible ways" in g.reason for g in a.groups)
+
+
+def test_layernorm_built_from_reductions_over_the_channels(rng):
+    """A LayerNorm over the channels built from ops (as magika's jax export has it): the
+    sums become per-sample statistics, gamma [1, C] and beta are sliced with the channels,
+    and the 1/C of the hand-built mean becomes 1/C' so the pruned model normalises over the
+    channels it keeps (checked against numpy)."""
+    dead = (1, 3, 4, 6)
+    w1, b1 = dead_weight(rng, (6, 8), (), dead), dead_vector(rng, 8, dead)
+    gamma, beta = dead_vector(rng, 8, (), 0.5, 1.5).reshape(1, 8), dead_vector(rng, 8).reshape(1, 8)
+    w2 = dead_weight(rng, (8, 3), dead)
+    model = build(HEAD + """
+        g (float[1,6] x, float[6,8] w1, float[8] b1, float[1,8] gamma, float[1,8] beta, float[8,3] w2,
+           int64[1] axes, float inv_c, float eps) => (float[1,3] y) {
+            h = Gemm(x, w1, b1)
+            s = ReduceSum(h, axes)
+            mean = Mul(s, inv_c)
+            d = Sub(h, mean)
+            sq = Mul(d, d)
+            s2 = ReduceSum(sq, axes)
+            var = Mul(s2, inv_c)
+            ve = Add(var, eps)
+            sd = Sqrt(ve)
+            inv = Reciprocal(sd)
+            scale = Mul(inv, gamma)
+            n = Mul(d, scale)
+            o = Add(n, beta)
+            y = Gemm(o, w2)
+        }""", w1=w1, b1=b1, gamma=gamma, beta=beta, w2=w2, axes=np.array([1]), inv_c=np.float32(1 / 8),
+        eps=np.float32(1e-5))
+    pruned, stats = prune(model, ratio=0.5)
+    assert weight_shapes(pruned)["gamma"] == (1, 4) and weight_shapes(pruned)["w2"] == (4, 3)
+    scales = [v.const_value.numpy() for n, v in pruned.graph.initializers.items() if "mean_scale" in n]
+    assert len(scales) == 2 and all(np.isclose(float(s), 0.25) for s in scales)
+    x = rng.standard_normal((1, 6)).astype(np.float32)
+    keep = [c for c in range(8) if c not in dead]
+    h = x @ w1[:, keep] + b1[keep]
+    d = h - h.mean(axis=1, keepdims=True)
+    want = (d / np.sqrt((d ** 2).mean(axis=1, keepdims=True) + 1e-5) * gamma[:, keep] + beta[:, keep]) @ w2[keep]
+    got = ort.run(ort.session(pruned), {"x": x})["y"]
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
+
+
+def test_reduce_max_over_channels_is_a_statistic(rng):
+    """A ReduceMax over the channels is a per-sample statistic: safe to prune through (a
+    Softmax over them is not, see test_no_safe_group_is_a_clear_error: its output has the
+    channels, each normalised by all of them)."""
+    model = build(HEAD + """
+        g (float[1,4,8,8] x, float[8,4,1,1] w1, float[3,8,1,1] w2) => (float[1,3,8,8] y, float[1,1,8,8] m) {
+            a = Conv(x, w1)
+            m = ReduceMax<axes=[1]>(a)
+            y = Conv(a, w2)
+        }""", w1=dead_weight(rng, (8, 4, 1, 1)), w2=dead_weight(rng, (3, 8, 1, 1)))
+    group = next(g for g in groups_of(model).groups if g.size == 8)
+    assert group.safe

@@ -283,3 +283,47 @@ def test_resnet18_latency_mode_prunes_where_time_is(exported, tmp_path):
     feeds = {"input": np.random.default_rng(0).standard_normal((1, 3, 224, 224)).astype(np.float32)}
     (logits,) = ort.run(ort.session(prepared), feeds).values()
     assert logits.shape == (1, 1000) and np.isfinite(logits).all()
+
+
+# --- lookahead, importance, calibration --------------------------------------------------------------
+def test_greedy_looks_past_a_slower_count(chain, tmp_path):
+    """Measured latency is not monotone in the channels: here group A's layers are slower
+    at 56 and 48 channels than at 64. One step at a time the greedy would never cut A (it
+    would stop at the bump); with the lookahead it jumps to 40, where time is saved."""
+    model, analysis = chain
+    names = [n.name for n in model.graph if n.op_type == "Conv"]
+    ga, gb = _groups(analysis, names[0]), _groups(analysis, names[1])
+
+    def cost(s):
+        base = 1e-3 + macs_of(s) * 1e-6
+        return base * 3 if s.x[2] == 32 and any(48 <= c < 64 for c in s.channels()) else base
+
+    counts = choose_keep(model, analysis, {ga: np.ones(64), gb: np.ones(64)}, Cfg(target_macs=0.3),
+                         table=FormulaTable(tmp_path / "t.json", cost))
+    assert counts[ga] <= 40
+
+
+def test_importance_kept_is_the_geometric_mean_of_group_shares():
+    from slimgraph.passes.prune.channels import Group
+    from slimgraph.passes.prune.structured import importance_kept
+
+    groups = [Group(0, 4, True, "", [], []), Group(1, 2, True, "", [], [])]
+    scores = {0: np.array([4.0, 3.0, 2.0, 1.0]), 1: np.array([1.0, 1.0])}
+    # group 0 keeps its best two (7 of 10), group 1 one of two (1 of 2)
+    assert importance_kept(groups, scores, {0: 2, 1: 1}) == pytest.approx(np.sqrt(0.7 * 0.5))
+    assert importance_kept(groups, scores, {}) == 1.0
+
+
+def test_calibration_on_the_digits_cnn(tmp_path):
+    """The end-to-end calibration times four pruned variants of the real model and fits
+    non-negative (a, b); the pass reports it and the predicted latencies in its stats."""
+    model = slimgraph.run(slimgraph.load(zoo.digits_cnn()), "cleanup,fuse").model
+    _prepare(model)
+    analysis = analyze(model)
+    ids = [g.id for g in analysis.safe_groups() if g.size > 1]
+    table = LatencyTable(tmp_path / "t.json", progress=False)
+    cal = latency.calibrate(model, analysis, ids, table, runs=5)
+    assert len(cal.points) == 4 and cal.a >= 0 and cal.b >= 0
+    assert all(ms > 0 and mb > 0 and t > 0 for ms, mb, t in cal.points)
+    dense_mb = cal.points[0][1]
+    assert all(mb <= dense_mb for _, mb, _ in cal.points[1:])  # pruned variants hold fewer weights
