@@ -75,3 +75,15 @@ def test_teacher_runs_once_over_the_data_not_every_epoch(monkeypatch):
                            data={"input": d.x_train[:256]})
     assert calls == [256]  # one batched pass over all 256 samples for 3 epochs x 8 steps
     assert result.report.rows[-1].stats["steps"] == 24
+
+
+def test_divergence_stops_with_a_message_and_leaves_the_input_untouched():
+    d = zoo.digits_data()
+    teacher = str(zoo.digits_mlp())
+    model = slimgraph.load(teacher)
+    before = {k: v.const_value.numpy().copy() for k, v in model.graph.initializers.items()}
+    with pytest.raises(PassError, match="diverged"):
+        slimgraph.run(model, f"train.distill(teacher='{teacher}', epochs=2, optimizer=sgd, lr=1.0, loss=mse)",
+                      data={"input": d.x_train[:256] * 1e6})
+    for k, v in model.graph.initializers.items():
+        np.testing.assert_array_equal(v.const_value.numpy(), before[k])

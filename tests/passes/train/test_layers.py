@@ -11,7 +11,7 @@ import torch  # noqa: E402
 from slimgraph import zoo  # noqa: E402
 from slimgraph.backends import ort  # noqa: E402
 from slimgraph.errors import SlimgraphError  # noqa: E402
-from slimgraph.passes.train.layers import drop_layers, export_student, kept_layers  # noqa: E402
+from slimgraph.passes.train.layers import copy_weights, drop_layers, export_student, kept_layers  # noqa: E402
 
 pytestmark = pytest.mark.torch
 
@@ -68,3 +68,33 @@ def test_exported_student_matches_torch_and_has_minilm_io():
     np.testing.assert_allclose(got, want, atol=1e-5)
     macs, full = sum(model.analysis("macs").values()), sum(reference.analysis("macs").values())
     assert 0.4 * full < macs < 0.6 * full  # half the encoder layers
+
+
+def test_copy_weights_moves_trained_values_by_name_and_checks_shapes():
+    import slimgraph
+
+    cnn = slimgraph.load(zoo.digits_cnn())
+    trained = cnn.clone()
+    name = next(k for k, v in trained.graph.initializers.items() if v.const_value.numpy().ndim == 4)
+    changed = trained.graph.initializers[name].const_value.numpy() + 1.0
+    import onnx_ir as ir
+
+    trained.graph.initializers[name].const_value = ir.tensor(changed, name=name)
+    out = copy_weights(trained, cnn)
+    np.testing.assert_array_equal(out.graph.initializers[name].const_value.numpy(), changed)
+    assert not np.array_equal(cnn.graph.initializers[name].const_value.numpy(), changed)  # target untouched
+    with pytest.raises(SlimgraphError, match="no same-shaped match"):
+        copy_weights(slimgraph.load(zoo.digits_mlp()), cnn)
+
+
+@pytest.mark.slow
+def test_short_export_computes_the_same_embeddings_for_sentences_that_fit():
+    student = drop_layers(zoo.minilm_torch(), keep=[0, 2, 5])
+    full, short = export_student(student), export_student(student, length=48)
+    assert short.graph.inputs[0].shape[1] == 48
+    feeds = zoo.minilm_inputs(["A short sentence.", "Another sentence that is not long either."])
+    (want,) = ort.run(full, feeds).values()
+    (got,) = ort.run(copy_weights(short, full), feeds).values()
+    np.testing.assert_allclose(got, want, atol=1e-5)
+    (got_short,) = ort.run(short, {k: v[:, :48] for k, v in feeds.items()}).values()
+    np.testing.assert_allclose(got_short, want, atol=1e-5)

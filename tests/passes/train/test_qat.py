@@ -24,3 +24,14 @@ def test_qat_exports_integer_kernels_that_match_the_simulation(bits):
     assert float((logits.argmax(1) == test["labels"]).mean()) > 0.97
     check = runtime_check.check_runtime(result.model)
     assert check.integer_mac_share == 1.0 and not check.islands
+
+
+def test_per_tensor_weights_one_scale_per_weight_tensor():
+    d = zoo.digits_data()
+    base = slimgraph.run(zoo.digits_mlp(), "optimize, upgrade_opset(target=21)").model
+    result = slimgraph.run(base, "train.qat(bits=4, per_channel=false, epochs=1)", data={"input": d.x_train[:512]},
+                           labels=d.y_train[:512])
+    assert result.report.rows[-1].stats["deploy_agreement"] >= 0.99
+    scales = [result.model.graph.initializers[n.inputs[4].name].const_value.numpy()
+              for n in result.model.graph if n.op_type in ("QGemm", "QLinearMatMul", "QLinearConv")]
+    assert scales and all(s.size == 1 for s in scales)
