@@ -9,7 +9,8 @@ exporters name things like `features.3.0.weight_bn_quantized_values_codebook`. T
 2. clears node names (optional in ONNX) and doc strings, and drops attributes set to
    their default in the op's schema (exporters write `ceil_mode=0`, `auto_pad="NOTSET"`);
 3. drops the value_info of intermediate tensors and initializers (types and shapes ORT
-   infers again at load, or the tensor holds) unless `value_info` is true;
+   infers again at load, or the tensor holds) unless `value_info` is true (while the
+   contracts are kept, decoded weights keep theirs: the contract checks find them so);
 4. keeps, of the nodes' metadata, only what slimgraph needs to read the file back
    (`slimgraph.pack` marks, updated to the new names) unless `metadata` is "all"; the
    model's recorded contracts (`slimgraph.contracts`) go too unless `contracts` is true.
@@ -84,7 +85,8 @@ class ShortNames(Pass):
             for out in node.outputs:
                 if out.name not in interface:
                     out.name, renamed = next(names), renamed + 1
-                    if not cfg.value_info:
+                    # the contracts find decoded weights by their shape
+                    if not cfg.value_info and not (cfg.contracts and id(node) in marked):
                         out.shape, out.type = None, None
             if cfg.metadata == "pack":
                 for key in [k for k in node.metadata_props if k != PACK_KEY]:
