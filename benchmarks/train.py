@@ -218,7 +218,7 @@ def magika_lowrank_student(rank: int):
 
 
 MAGIKA_RANK = 96  # 24% of magika's MACs
-MAGIKA_EPOCHS, MAGIKA_LR = 4, 0.0005
+MAGIKA_EPOCHS, MAGIKA_LR = 3, 0.0005
 
 
 def magika(q: bool, curves: dict, threads: int, runs: int) -> tuple[list, list, dict]:
