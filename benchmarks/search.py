@@ -151,7 +151,8 @@ def covers(front: list[dict], ref: dict, objectives, tol: float) -> dict | None:
 
 
 def row_of(r: dict) -> list:
-    return [r.get("number", r["kind"]), r["status"] if r["status"] != "ok" else ("ok" if r["feasible"] else "over budget"),
+    status = r["status"] if r["status"] != "ok" else ("ok" if r["feasible"] else "over budget")
+    return [r.get("number", r["kind"]), status,
             _f(r.get("accuracy")), _f(r.get("drop"), "+.4f"), _f(r.get("latency_ratio"), ".3f"),
             _f(r.get("size_ratio"), ".3f"), r.get("size_bytes") or "", f"`{r['pipeline']}`"]
 
@@ -327,7 +328,8 @@ def render() -> str:
         s = found["resnet18"]
         text.append(md_compare("ResNet-18 shape: top-1 agreement, narrowed space, TPE", s,
                                "Random weights (BN kept); fidelity = top-1 agreement with the original on 16 random "
-                               "images (only fidelity is meaningful on random weights). ![pareto](search_pareto_resnet18.png)"))
+                               "images (only fidelity is meaningful on random weights). "
+                               "![pareto](search_pareto_resnet18.png)"))
         targets.append(["ResNet-18: front covers every recipe alone (0.01 fidelity budget)",
                         f"{len(s['trials'])} trials", "yes" if s["met"] else "**no**"])
     if "minilm" in found:

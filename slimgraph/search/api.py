@@ -172,8 +172,6 @@ def _validate(model, data, output, eval, max_drop, objectives, trials, strategy,
         raise DataError(f"--resume: {out} holds no search to resume ({DB_NAME} not found)")
     if not resume and db.is_file():
         raise DataError(f"-o {out}: already holds a search; add --resume to continue it, or choose another folder")
-    if isinstance(model, (str, Path)) and out.resolve() == Path(model).resolve().parent and not resume:
-        pass  # writing next to the model is fine: nothing in `out` has the model's name
     return {"model": m, "data": arrays, "labels": labels, "objectives": objectives, "space": sp,
             "output": out, "notes": notes, "references": list(references),
             "data_path_for_cmd": str(data) if isinstance(data, (str, Path)) else None}
@@ -227,7 +225,8 @@ def _study(out: Path, plan, strategy: str, seed: int, trials: int, resume: bool,
         study.set_user_attr("identity", identity)
     elif stored != identity:
         changed = [k for k in identity if stored.get(k) != identity[k]]
-        raise DataError(f"--resume: the stored search differs in {changed} (stored {[stored.get(k) for k in changed]}); "
+        was = [stored.get(k) for k in changed]
+        raise DataError(f"--resume: the stored search differs in {changed} (stored {was}); "
                         "resume with the same model, strategy, objectives and --max-drop, or use a new folder")
     return study
 
@@ -276,7 +275,6 @@ class _Driver:
         return rec
 
     def loop(self, strategy, study, trials: int) -> list[dict]:
-        import optuna
         from optuna.trial import TrialState
 
         memo: dict[str, dict] = {}

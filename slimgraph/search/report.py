@@ -138,11 +138,13 @@ def plot(result, path: Path) -> None:
     front_keys = {r["key"] for r in result.front}
     ok = [r for r in result.trials if r["status"] == "ok"]
     for ax, o in zip(axes[0], objectives):
+        refs = [r for r in result.references if r["status"] == "ok"]
         groups = [
             ("over budget", [r for r in ok if not r["feasible"]], dict(c="lightgray", marker="o")),
-            ("within budget", [r for r in ok if r["feasible"] and r["key"] not in front_keys], dict(c="tab:blue", marker="o")),
+            ("within budget", [r for r in ok if r["feasible"] and r["key"] not in front_keys],
+             dict(c="tab:blue", marker="o")),
             ("Pareto front", [r for r in ok if r["key"] in front_keys], dict(c="tab:red", marker="D")),
-            ("references", result.references and [r for r in result.references if r["status"] == "ok"], dict(c="tab:green", marker="s")),
+            ("references", refs, dict(c="tab:green", marker="s")),
             ("original", [result.baseline], dict(c="black", marker="*", s=120)),
         ]
         # zoom on the budget: far worse points are drawn on the bottom edge
@@ -150,10 +152,10 @@ def plot(result, path: Path) -> None:
         top = max([r["accuracy"] for r in ok] + [result.baseline["accuracy"]]) + max(result.max_drop, 1e-3)
         for label, rows, style in groups:
             if rows:
-                ax.scatter([r[f"{o}_ratio"] for r in rows], [max(r["accuracy"], floor) for r in rows], label=label, **style)
-        for r in result.references or []:
-            if r["status"] == "ok":
-                ax.annotate(r["pipeline"], (r[f"{o}_ratio"], max(r["accuracy"], floor)), fontsize=7, rotation=20)
+                ax.scatter([r[f"{o}_ratio"] for r in rows], [max(r["accuracy"], floor) for r in rows],
+                           label=label, **style)
+        for r in refs:
+            ax.annotate(r["pipeline"], (r[f"{o}_ratio"], max(r["accuracy"], floor)), fontsize=7, rotation=20)
         ax.set_ylim(floor - 0.3 * max(result.max_drop, 1e-3), top)
         ax.axhline(result.baseline["accuracy"] - result.max_drop, color="gray", ls="--", lw=0.8, label="budget")
         ax.set_xlabel(f"{o} (ratio to the original)")

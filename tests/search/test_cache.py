@@ -24,8 +24,8 @@ def test_chain_shares_prefix_keys_and_depends_on_everything():
     assert a[:2] == b[:2] and a[2] != b[2]
     assert a[0] == c[0] and a[1] != c[1]
     assert chain(root_key(b"model", data_hash({"x": np.zeros((2, 3), np.float32)}), 0), _cand("optimize")) != a[:1]
-    assert chain(root_key(b"other", data_hash(None), 0), _cand("optimize")) != chain(root_key(b"model", data_hash(None), 0),
-                                                                                     _cand("optimize"))
+    plain = root_key(b"model", data_hash(None), 0)
+    assert chain(root_key(b"other", data_hash(None), 0), _cand("optimize")) != chain(plain, _cand("optimize"))
     # a pass's defaults written out or left implicit are the same step
     assert chain(root, _cand({"prune.magnitude": {"sparsity": 0.5, "scope": "layer"}})) == \
         chain(root, _cand({"prune.magnitude": {"sparsity": 0.5}}))
@@ -52,5 +52,6 @@ def test_a_failed_step_is_recorded_and_not_rerun(digits, tmp_path):
     bad = _cand("optimize", {"cluster.kmeans": {"k": 8}}, {"quantize.dynamic": {}})
     first = run_job(settings, bad)
     assert first.status == "failed" and "clusters contract" in first.error and "Traceback" in first.traceback
-    again = run_job(settings, _cand("optimize", {"cluster.kmeans": {"k": 8}}, {"quantize.dynamic": {}}, "pack.clusters"))
+    longer = _cand("optimize", {"cluster.kmeans": {"k": 8}}, {"quantize.dynamic": {}}, "pack.clusters")
+    again = run_job(settings, longer)
     assert again.status == "failed" and "recorded in the cache" in again.error

@@ -15,7 +15,8 @@ def _space(*stages):
 
 def test_default_space_loads_every_stage():
     space = load_space()
-    assert [s.name for s in space.stages] == ["cleanup", "structure", "training", "clustering", "quantization", "packing"]
+    assert [s.name for s in space.stages] == [
+        "cleanup", "structure", "training", "clustering", "quantization", "packing"]
     prune = next(i for i in space.items() if i.name == "prune.structured")
     ratio = next(p for p in prune.params if p.name == "ratio")
     assert (ratio.kind, ratio.values) == ("float", (0.1, 0.5))
