@@ -494,7 +494,8 @@ def choose_keep(model: Model, analysis: ChannelAnalysis, scores: Mapping[int, np
     module docstring). `model` and `analysis` are not modified. `table`: a `LatencyTable`
     (default: the cached one for this CPU, ORT version and 2 threads). `config.calibrate`
     (default off here, on in the pass) fits the in-model cost first (`calibrate`). `info`,
-    when given, receives the calibration and the predicted latencies."""
+    when given, receives the calibration, the predicted latencies and the greedy's `steps`
+    ((group, new count) in order: the path to any smaller target is a prefix of it)."""
     table = table if table is not None else LatencyTable(progress=progress)
     try:
         return _greedy(model, analysis, scores, config, table, info if info is not None else {})
@@ -535,6 +536,7 @@ def _greedy(model, analysis, scores, config, table, info: dict) -> dict[int, int
     target = latency_target(model, analysis, group_ids, config)
     goal = floor + (1.0 - target) * max(dense - floor, 0.0)
     total = dense
+    steps: list[tuple[int, int]] = []  # (group, new count): the path, a prefix of any longer one
     while total > goal:
         best, best_value, best_step = None, -np.inf, None
         for gid in sorted(group_ids):
@@ -556,9 +558,10 @@ def _greedy(model, analysis, scores, config, table, info: dict) -> dict[int, int
         if best is None:  # nothing left that saves time
             break
         counts[best] = best_step[0]
+        steps.append((best, best_step[0]))
         current.update(best_step[1])
         total = sum(current.values())
-    info.update(predicted_ms=total, dense_ms=dense, floor_ms=floor, goal_ms=goal,
+    info.update(predicted_ms=total, dense_ms=dense, floor_ms=floor, goal_ms=goal, steps=steps,
                 calibration=None if cal is None else {"a": cal.a, "b": cal.b, "c": cal.c, "points": cal.points})
     logger.info("prune.structured (latency): predicted %.3f ms of %.3f ms dense (floor %.3f, goal %.3f); "
                 "%d shapes measured", total, dense, floor, goal, table.measured)

@@ -161,7 +161,7 @@ class PruneStructured(Pass):
         k = max(k, self.config.min_channels)
         return int(min(k, size))
 
-    def _uniform(self, analysis, groups, macs) -> dict[int, int]:
+    def _uniform(self, analysis, groups, macs, params=None) -> dict[int, int]:
         """Each group keeps (1 - ratio) of its channels, rounded to the multiple: down first,
         then back up, group by group (largest rounding loss first), while the model's MACs
         stay within those of the exact, unrounded ratio. So the MAC cut is at least what the
@@ -170,12 +170,17 @@ class PruneStructured(Pass):
         keep = 1 - self.config.ratio
         exact = {g.id: max(1, int(g.size * keep + 1e-9)) for g in groups}  # floor, as per-layer tools keep
         budget = estimate_macs(analysis, macs, exact)
+        # weights scale with the kept in/out fractions like MACs do: the same estimate
+        # keeps the parameter count within the exact ratio's too
+        params = params or {}
+        param_budget = estimate_macs(analysis, params, exact)
         counts = {g.id: self._round(g.size * keep, g.size, g.unit) for g in groups}
         for g in sorted(groups, key=lambda g: counts[g.id] - g.size * keep):
             up = self._round(counts[g.id] + self._step(g.unit), g.size, g.unit)
             if up > counts[g.id] and up <= max(exact[g.id], counts[g.id]) + self._step(g.unit):
                 trial = {**counts, g.id: up}
-                if estimate_macs(analysis, macs, trial) <= budget:
+                if (estimate_macs(analysis, macs, trial) <= budget
+                        and estimate_macs(analysis, params, trial) <= param_budget):
                     counts = trial
         return counts
 
@@ -185,7 +190,7 @@ class PruneStructured(Pass):
     def _counts(self, model, analysis, groups, scores, macs) -> dict[int, int]:
         cfg = self.config
         if cfg.mode == "uniform":
-            return self._uniform(analysis, groups, macs)
+            return self._uniform(analysis, groups, macs, _layer_params(model))
         if cfg.mode == "latency":
             try:
                 from slimgraph.passes.prune import latency
@@ -262,6 +267,19 @@ def _prepare(model: Model) -> bool:
             taken.add(name)
             named += 1
     return folded or dead or named > 0
+
+
+def _layer_params(model: Model) -> dict[str, int]:
+    """{weight layer: weight entries}, for `estimate_macs`-style scaling."""
+    from slimgraph.passes.prune.channels import _constant
+
+    out = {}
+    for n in model.graph:
+        if n.op_type in WEIGHT_OPS and not n.domain and len(n.inputs) > 1:
+            w = _constant(n.inputs[1])
+            if w is not None:
+                out[n.name] = int(w.size)
+    return out
 
 
 def _measure(model: Model) -> dict[str, int]:
