@@ -155,6 +155,8 @@ def run_job(settings: Settings, candidate: Candidate) -> Outcome:
         out.status, out.error, out.traceback = "failed", str(e), e.trace
     except Exception as e:  # the search goes on: the trial is recorded as failed
         out.status, out.error, out.traceback = "failed", _one_line(e), traceback.format_exc()
+    if out.status == "failed" and not out.build_seconds:
+        out.build_seconds = time.perf_counter() - t0
     return out
 
 
