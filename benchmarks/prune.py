@@ -90,7 +90,8 @@ TP, UNIFORM, MACS, LATENCY, MACS_EQ = ("Torch-Pruning", "slimgraph uniform", "sl
 DIGITS_SWEEP = (("l1", 1), ("l2", 1), ("consumer_l1", 1), ("l1", 8))
 #: random inputs for the output-fidelity proxy of the random-weight CNNs
 FIDELITY_INPUTS = 8
-TOOLS = (TP, UNIFORM, MACS, LATENCY, MACS_EQ)
+MACS_GREEDY = "slimgraph MAC greedy @ latency's importance"
+TOOLS = (TP, UNIFORM, MACS, LATENCY, MACS_EQ, MACS_GREEDY)
 logger = logging.getLogger("benchmarks.prune")
 
 
@@ -283,23 +284,84 @@ def prune_all(name, module, float_path, dense, feeds, r, size, ignored, folder, 
         eq = macs_target_for_importance(float_path, lat.importance)
         out.append(slim_variant(name, MACS_EQ, r, float_path, folder,
                                 f"ratio={r}, mode=macs, target_macs={eq:.4f}", dense, feeds))
+        out.append(mac_greedy_variant(name, r, float_path, folder, lat.importance, dense, feeds))
     return out
+
+
+def _prepared(float_path: Path, criterion: str = "l1"):
+    """(model, analysis, selected groups, scores) as `prune.structured` sees them after
+    the recipe's `cleanup,fuse`."""
+    from slimgraph.passes.prune import _importance
+    from slimgraph.passes.prune.channels import analyze
+    from slimgraph.passes.prune.structured import PruneStructured, _prepare
+
+    model = slimgraph.run(slimgraph.load(float_path), "cleanup,fuse").model
+    _prepare(model)
+    analysis = analyze(model)
+    groups = PruneStructured()._selected(model, analysis)
+    return model, analysis, groups, _importance.scores(model, analysis, groups, criterion)
+
+
+def _layer_macs(shape) -> float:
+    """MACs (millions) of one layer signature at batch 1."""
+    attrs = dict(shape.attrs)
+    cin, cout = shape.channels()
+    if shape.op != "Conv":
+        return float(np.prod(shape.x[:-1])) * cin * cout / 1e6
+    kernel = shape.w[2:]
+    pads = attrs.get("pads", (0,) * 2 * len(kernel))
+    strides, dil = attrs.get("strides", (1,) * len(kernel)), attrs.get("dilations", (1,) * len(kernel))
+    out = [(x + pads[i] + pads[i + len(kernel)] - dil[i] * (k - 1) - 1) // strides[i] + 1
+           for i, (x, k) in enumerate(zip(shape.x[2:], kernel))]
+    return float(np.prod(out)) * cout * (cin // attrs.get("group", 1)) * float(np.prod(kernel)) / 1e6
+
+
+def mac_greedy_variant(name, r, float_path, folder, importance: float, dense, feeds) -> Variant:
+    """The latency mode's greedy and objective (log share of importance per unit saved) with
+    MACs as the cost instead of measured time, stopped where the importance kept would fall
+    below `importance`: isolates what measuring latency adds."""
+    from slimgraph.passes.prune import latency
+    from slimgraph.passes.prune.structured import PruneStructured, importance_kept
+
+    class MacTable(latency.LatencyTable):
+        def _measure(self, shape):
+            return _layer_macs(shape)
+
+        def save(self):
+            pass
+
+    v = Variant(name, MACS_GREEDY, r, note="latency mode's greedy and objective, MACs as the cost")
+    start = time.perf_counter()
+    model, analysis, groups, scores = _prepared(float_path)
+    info: dict = {}
+    cfg = PruneStructured.Config(mode="latency", target_latency=0.95, calibrate=False)
+    latency.choose_keep(model, analysis, {g.id: scores[g.id] for g in groups}, cfg,
+                        table=MacTable(folder / "unused-mac-table.json", progress=False), info=info)
+    counts = {g.id: g.size for g in groups}
+    for gid, c in info["steps"]:  # the greedy's path, replayed to the importance kept
+        trial = {**counts, gid: c}
+        if importance_kept(groups, scores, trial) < importance:
+            break
+        counts = trial
+    keep = {g.id: np.sort(np.argsort(-scores[g.id], kind="stable")[:counts[g.id]])
+            for g in groups if counts[g.id] < g.size}
+    analysis.apply(model, keep)
+    v.path = folder / f"slimgraph_mac_greedy-{r}.onnx"
+    slimgraph.save(slimgraph.run(model, "cleanup").model, v.path)
+    v.seconds = time.perf_counter() - start
+    v.importance = importance_kept(groups, scores, counts)
+    measure(v, dense, feeds)
+    return v
 
 
 def macs_target_for_importance(float_path: Path, importance: float) -> float:
     """The `target_macs` at which `mode=macs` keeps `importance` (structured.importance_kept):
     bisection on the pass's own channel counts, without pruning."""
-    from slimgraph.passes.prune import _importance
-    from slimgraph.passes.prune.channels import analyze
-    from slimgraph.passes.prune.structured import PruneStructured, _prepare, importance_kept
+    from slimgraph.passes.prune.structured import PruneStructured, importance_kept
 
-    model = slimgraph.run(slimgraph.load(float_path), "cleanup,fuse").model
-    _prepare(model)
-    analysis = analyze(model)
+    model, analysis, groups, scores = _prepared(float_path)
     macs = dict(model.analysis("macs"))
     p = PruneStructured(mode="macs")
-    groups = p._selected(model, analysis)
-    scores = _importance.scores(model, analysis, groups, "l1")
 
     def kept(target: float) -> float:
         p.config = PruneStructured.Config(mode="macs", target_macs=target)
@@ -477,12 +539,14 @@ def targets(cnns: list[Variant]) -> list[tuple[str, bool, str]]:
                             f"{tp.params:.1f}%)", ok, f"{v.macs:.1f}% / {v.params:.1f}%"))
                 out.append((f"{model} {r}: {tool} speed-up >= {TARGET_SPEEDUP[r]}x", v.speedup >= TARGET_SPEEDUP[r],
                             f"{v.speedup:.2f}x (Torch-Pruning {tp.speedup:.2f}x)"))
-            lat, eq = rows.get(LATENCY), rows.get(MACS_EQ)
-            if lat is not None and eq is not None and lat.valid == eq.valid == "yes":
-                out.append((f"{model} {r}: latency-aware faster than MAC-driven at equal importance kept",
-                            lat.speedup > eq.speedup,
-                            f"{lat.speedup:.2f}x vs {eq.speedup:.2f}x; importance {lat.importance:.3f} vs "
-                            f"{eq.importance:.3f}; fidelity {lat.fidelity:.3f} vs {eq.fidelity:.3f}"))
+            lat = rows.get(LATENCY)
+            for tool in (MACS_EQ, MACS_GREEDY):
+                eq = rows.get(tool)
+                if lat is not None and eq is not None and lat.valid == eq.valid == "yes":
+                    out.append((f"{model} {r}: latency-aware faster than {tool.replace(' @', ' at').replace('slimgraph ', '')}",
+                                lat.speedup > eq.speedup,
+                                f"{lat.speedup:.2f}x vs {eq.speedup:.2f}x; importance {lat.importance:.3f} vs "
+                                f"{eq.importance:.3f}; fidelity {lat.fidelity:.3f} vs {eq.fidelity:.3f}"))
     return out
 
 
@@ -516,7 +580,7 @@ def plot(cnns: list[Variant], path: Path) -> None:
     vs speed-up for slimgraph's modes, each mode's points joined into its curve."""
     models = list(dict.fromkeys(v.model for v in cnns))
     fig, axes = plt.subplots(2, len(models), figsize=(6 * len(models), 9), squeeze=False)
-    markers = {TP: "s", UNIFORM: "o", MACS: "^", LATENCY: "*", MACS_EQ: "v"}
+    markers = {TP: "s", UNIFORM: "o", MACS: "^", LATENCY: "*", MACS_EQ: "v", MACS_GREEDY: "D"}
     for col, model in enumerate(models):
         ax, ax2 = axes[0][col], axes[1][col]
         for tool, marker in markers.items():

@@ -26,12 +26,14 @@ layer with the same MACs. So the counts are chosen by measured time:
    Starting from every group whole, a greedy repeatedly cuts the group, by one to
    `LOOKAHEAD` `multiple`-steps, with the most predicted time saved per unit of importance
    lost (the lowest-scoring
-   channels go first). Importance is `structured.importance_kept`'s: the geometric mean
-   over groups of the share of each group's score kept, so a step's loss is the drop of
-   log(share) of its group. That counts every layer's width alike and makes each further
-   cut of an already thin group dearer: with a plain sum of scores, a channel of a
-   56x56 layer costs 64x the time of a 7x7 one for the same importance, and the greedy
-   squeezed ResNet-18's first stages to 8 channels while keeping the last one whole.
+   channels go first). Importance is `structured.importance_kept`'s: the geometric mean,
+   over every weight layer's input and output width, of the share of score kept there, so
+   a step's loss is the drop of log(share) of its group times the number of layer sides
+   the group sets (`structured.group_weight`). That makes each further cut of an already
+   thin group dearer, and a residual stream read by many convs dear to cut: with a plain
+   sum of scores (a channel of a 56x56 layer costs 64x the time of a 7x7 one for the same
+   importance) or an unweighted mean over groups, the greedy squeezed ResNet-18's
+   residual streams to 8 channels while keeping the convs inside the blocks whole.
    Never below the
    group's floor (`min_keep`, `min_channels`, one `multiple`), until the prediction is
    down by `target` of its reducible part: goal = floor + (1 - target) * (dense - floor),
@@ -59,7 +61,7 @@ from typing import Any
 import numpy as np
 
 from slimgraph.ir.model import Model
-from slimgraph.passes.prune.channels import ChannelAnalysis, _constant, estimate_macs, space_size
+from slimgraph.passes.prune.channels import ChannelAnalysis, Group, _constant, estimate_macs, space_size
 
 logger = logging.getLogger("slimgraph.passes.prune")
 
@@ -471,6 +473,13 @@ def latency_target(model: Model, analysis: ChannelAnalysis, group_ids, config) -
     return max(0.0, 1.0 - estimate_macs(analysis, macs, counts) / total)
 
 
+def group_weight(group: Group) -> int:
+    """`structured.group_weight` (imported late: structured imports this module lazily)."""
+    from slimgraph.passes.prune.structured import group_weight as weight
+
+    return weight(group)
+
+
 def _floor(size: int, config) -> int:
     multiple = int(getattr(config, "multiple", 1))
     floor = max(int(np.ceil(float(getattr(config, "min_keep", 0.0)) * size)), int(getattr(config, "min_channels", 1)), 1)
@@ -522,7 +531,7 @@ def _greedy(model, analysis, scores, config, table, info: dict) -> dict[int, int
         s = np.sort(np.asarray(scores[gid], dtype=np.float64))[::-1]
         s = s if s.sum() > 0 else np.ones_like(s)
         share = np.concatenate([[0.0], np.cumsum(s)]) / s.sum()
-        lost_at[gid] = -np.log(np.maximum(share, 1e-12))
+        lost_at[gid] = -np.log(np.maximum(share, 1e-12)) * group_weight(analysis.groups[gid])
     by_group: dict[int, list[_Layer]] = {gid: [] for gid in group_ids}
     for layer in layers:
         for gid in layer.groups:

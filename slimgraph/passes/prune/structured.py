@@ -230,18 +230,26 @@ class PruneStructured(Pass):
         return best
 
 
+def group_weight(group: Group) -> int:
+    """How many layer sides a group sets the width of: the weight layers that produce,
+    read or depthwise-filter its channels (a residual stream touching ten convs counts ten)."""
+    return max(1, len({(s.node, s.role) for s, _ in group.slices if s.role in ("producer", "consumer", "depthwise")}))
+
+
 def importance_kept(groups: list[Group], scores: dict[int, np.ndarray], counts: dict[int, int]) -> float:
     """The accuracy proxy that the latency mode trades against time, reported by every mode
-    so they can be compared: the geometric mean over groups of the share of each group's
-    score kept by its `counts[g]` best channels (every layer's width counts alike; a
-    group cut to a sliver drags the mean down, as a bottleneck drags accuracy)."""
-    logs = []
+    so they can be compared: the geometric mean, over every weight layer's input and output
+    width, of the share of the channels' score kept there (each group's share weighted by
+    `group_weight`). A width cut to a sliver drags the mean down as a bottleneck drags
+    accuracy, and a residual stream that ten convs read counts ten times."""
+    logs, weights = [], []
     for g in groups:
         s = np.sort(np.asarray(scores[g.id], dtype=np.float64))[::-1]
         total = float(s.sum())
         share = float(s[:counts.get(g.id, g.size)].sum()) / total if total > 0 else counts.get(g.id, g.size) / g.size
         logs.append(np.log(max(share, 1e-12)))
-    return float(np.exp(np.mean(logs))) if logs else 1.0
+        weights.append(group_weight(g))
+    return float(np.exp(np.average(logs, weights=weights))) if logs else 1.0
 
 
 def _prepare(model: Model) -> bool:
