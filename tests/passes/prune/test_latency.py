@@ -312,6 +312,12 @@ def test_importance_kept_is_the_geometric_mean_of_group_shares():
     # group 0 keeps its best two (7 of 10), group 1 one of two (1 of 2)
     assert importance_kept(groups, scores, {0: 2, 1: 1}) == pytest.approx(np.sqrt(0.7 * 0.5))
     assert importance_kept(groups, scores, {}) == 1.0
+    # a group read by three layers counts three times (a residual stream)
+    from slimgraph.passes.prune.channels import Slice
+
+    groups[1].slices = [(Slice(None, 0, name, role), 0) for name, role in
+                        (("c1", "producer"), ("c2", "consumer"), ("c3", "consumer"))]
+    assert importance_kept(groups, scores, {0: 2, 1: 1}) == pytest.approx(np.exp((np.log(0.7) + 3 * np.log(0.5)) / 4))
 
 
 def test_calibration_on_the_digits_cnn(tmp_path):
