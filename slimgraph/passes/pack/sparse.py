@@ -18,6 +18,15 @@ and outputs are unchanged. The last decode node carries `metadata_props["slimgra
 = "sparse:<W>"` (the others have short names `ps<i>`); `unpack` folds the subgraph back
 into a plain initializer.
 
+Positions can instead be stored as gaps between successive non-zeros (`encoding=gaps`, the
+Deep Compression paper's relative indices, see `_gaps`: b-bit codes with filler entries
+for longer gaps, decoded by CumSum + ScatterElements), which costs less than the bitmask
+above ~80-85% zeros; `auto` (the default) picks the smaller per tensor. With `bundle=true`
+every tensor of at most 256 distinct non-zero values joins one shared decode whose codes
+carry the gap and the index of the value in the tensor's codebook (see `_bundle`): one
+decode subgraph per model instead of one per tensor, for small models whose graph
+structure outweighs their weights.
+
 What is packed: every initializer read by a node (not a graph input or output) of at
 least `min_size` elements, of dtype float32 / float16 / float64 / int8 / uint8, whose
 packed form (mask + values + the small shape constants) is smaller than its raw bytes and
