@@ -105,9 +105,9 @@ def main() -> int:
                         f"{base:.2%} -> {acc:.2%} ({(acc - base) * 100:+.2f} pt, 360 test images)"])
         # the same training once more, then each file format on its weights
         trained = slimgraph.run(src, TRAIN, data=feeds, labels=data.y_train, progress=False).model
-        for label, packing in FORMATS:
+        for i, (label, packing) in enumerate(FORMATS):
             start = time.perf_counter()
-            out = work / f"{tag}_{label.split()[0].strip('+:')}.onnx"
+            out = work / f"{tag}_format{i}.onnx"
             slimgraph.save(slimgraph.run(trained, packing, progress=False).model, out)
             rows.append(row(label, out, time.perf_counter() - start)[0])
             print(rows[-1], flush=True)

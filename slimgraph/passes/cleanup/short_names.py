@@ -140,7 +140,8 @@ def _defaulted(node: ir.Node, opset: int) -> list[str]:
         if isinstance(default, bytes):
             default = default.decode()
         if isinstance(value, (list, tuple)) or isinstance(default, (list, tuple)):
-            same = list(value) == list(default) if isinstance(value, (list, tuple)) and isinstance(default, (list, tuple)) else False
+            both = isinstance(value, (list, tuple)) and isinstance(default, (list, tuple))
+            same = both and list(value) == list(default)
         else:
             same = type(value) in (int, float, str) and value == default
         if same and key not in found:

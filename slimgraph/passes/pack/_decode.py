@@ -46,8 +46,9 @@ class DecodeBuilder:
         if name not in self._shared:
             array = np.asarray(array)
             found = self.graph.initializers.get(name)
-            same = (found is not None and found.const_value is not None and found.const_value.dtype.numpy() == array.dtype
-                    and found.const_value.numpy().shape == array.shape and np.array_equal(found.const_value.numpy(), array))
+            existing = None if found is None or found.const_value is None else found.const_value.numpy()
+            same = (existing is not None and existing.dtype == array.dtype and existing.shape == array.shape
+                    and np.array_equal(existing, array))
             self._shared[name] = found if same else self.init(array, name)
         return self._shared[name]
 
@@ -81,18 +82,21 @@ class DecodeBuilder:
         if lanes:
             scale = 1 << (bits * np.arange(8 // bits, dtype=np.int32))
             out = self.node("Div", [byte, self.constant(scale, f"slimgraph_unpack_lanes{bits}")], target)
-            out = self.node("Mod", [out, self.constant(np.array(1 << bits, np.int32), f"slimgraph_unpack_mod{bits}")], target)
+            mod = self.constant(np.array(1 << bits, np.int32), f"slimgraph_unpack_mod{bits}")
+            out = self.node("Mod", [out, mod], target)
             out = self.node("Reshape", [out, flat], target)
         else:
-            out = self.node("Div", [byte, self.constant(1 << np.arange(8, dtype=np.int32), "slimgraph_unpack_bit_values")], target)
+            bit = self.constant(1 << np.arange(8, dtype=np.int32), "slimgraph_unpack_bit_values")
+            out = self.node("Div", [byte, bit], target)
             out = self.node("Mod", [out, self.constant(np.array(2, np.int32), "slimgraph_unpack_two")], target)
             out = self.node("Reshape", [out, flat], target)
         end = count if lanes else count * bits
         out = self.node("Slice", [out, self.constant(np.array([0], np.int64), "slimgraph_unpack_zero"),
                                   self.init(np.array([end], np.int64), f"{target}_end")], target)
         if not lanes:
-            out = self.node("Reshape", [out, self.constant(np.array([-1, bits], np.int64), f"slimgraph_unpack_rows{bits}")], target)
-            out = self.node("Mul", [out, self.constant(1 << np.arange(bits, dtype=np.int32), f"slimgraph_unpack_weights{bits}")], target)
+            rows = self.constant(np.array([-1, bits], np.int64), f"slimgraph_unpack_rows{bits}")
+            weights = self.constant(1 << np.arange(bits, dtype=np.int32), f"slimgraph_unpack_weights{bits}")
+            out = self.node("Mul", [self.node("Reshape", [out, rows], target), weights], target)
             if self.model.opset >= 13:
                 out = self.node("ReduceSum", [out, self.constant(np.array([1], np.int64), "slimgraph_unpack_one")],
                                 target, keepdims=0)

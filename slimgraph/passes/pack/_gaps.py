@@ -20,7 +20,7 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 
-from slimgraph.passes.pack._decode import DecodeBuilder, pack_codes
+from slimgraph.passes.pack._decode import DecodeBuilder
 
 #: gap widths tried by `best_bits`
 WIDTHS = tuple(range(2, 9))

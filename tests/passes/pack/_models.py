@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import functools
 
+import numpy as np
+
 import slimgraph
 from slimgraph import zoo
 
@@ -21,7 +23,7 @@ def quantized_digits(which: str = "cnn", sparsity: float = 0.85, k: int = 8) -> 
                          "upgrade_opset(target=21), quantize.static(per_channel=false)", data=data, progress=False).model
 
 
-def logits(model) -> "np.ndarray":  # noqa: F821
+def logits(model) -> np.ndarray:
     """ORT's logits for the 360 test images (ORT's optimizations on: it folds the decoders)."""
     from slimgraph.backends import ort
 
