@@ -11,16 +11,19 @@ layer with the same MACs. So the counts are chosen by measured time:
    Entries are measured on first use only and cached in
    `<cache root>/latency/<cpu model>-<ort version>-<threads>t.json` (atomic writes,
    merged with what other processes wrote meanwhile).
-2. `calibrate` (on by default in the pass): a layer timed alone finds its weights hot in
-   cache; inside the model they stream from memory, after the weights of the layers before
-   it. So small-spatial, weight-heavy layers (ResNet-18's 512-channel 7x7 convs) cost up
-   to twice their table time in the model, while early high-resolution layers cost about
-   their table time (measured with ORT's profiler, see benchmarks/results/prune.md). A
-   layer's cost is therefore `a * table latency + b * weight MB`, with (a, b) fitted by
-   non-negative least squares to end-to-end ORT timings of a few pruned variants of the
-   model itself (dense, every group halved, the weight-heavy half of the groups cut to a
-   quarter, the compute-heavy half cut to a quarter), timed interleaved in one
-   `ort.bench` call (a few seconds on ResNet-18). Without calibration a = 1, b = 0.
+2. `calibrate` (on by default in the pass): a layer timed alone is not the layer inside
+   the model. Alone it pays a fixed cost per run (session call, input copy, output
+   allocation: the table time of `OVERHEAD_PROBE`) and finds its weights hot in cache;
+   inside, ORT has fused the activation / residual add into it, and its weights stream in
+   after everyone else's: on ResNet-18 the 512-channel 7x7 convs take about twice their
+   table time in the model while the 56x56 ones take about their table time (see the
+   predicted-vs-actual table of benchmarks/results/prune.md). An earlier version summed
+   the raw table times, and the latency mode cut the wrong layers. So ORT's profiler runs
+   the dense model (fastest of 3 profiles) and each weight layer (matched by its input and
+   weight shapes) gets a factor: in-model kernel time / (table time - overhead). A pruned
+   layer's cost is `factor * (table time at its new shape - overhead)`: the table still
+   says how the time changes with the channel counts, the profile says what the layer
+   costs where it sits. Without calibration the raw table time is used.
 3. `choose_keep`: the model's predicted latency is the sum over its weight layers of their
    cost at the kept input/output channel counts (other ops are not modelled).
    Starting from every group whole, a greedy repeatedly cuts the group, by one to
@@ -308,87 +311,67 @@ class LatencyTable:
 
 
 # --- calibration ----------------------------------------------------------------------------------
+#: the layer whose table time stands for the fixed cost of one isolated run (a 1x1 conv of
+#: one channel: session call, input copy, output allocation; no real work)
+OVERHEAD_PROBE = LayerShape("Conv", (1, 1, 1, 1), (1, 1, 1, 1), (("group", 1),), False)
+
+
 @dataclasses.dataclass(frozen=True)
 class Calibration:
-    """In-model cost of a layer: `a * table ms + b * weight MB` (+ `c` per model run)."""
+    """In-model cost of a layer: `factors[layer] * (table ms - overhead)`, its table time
+    without the fixed cost of an isolated run, scaled to what the layer took inside the
+    model; `default` for layers the profile did not match."""
 
-    a: float = 1.0
-    b: float = 0.0
-    c: float = 0.0
-    #: (table ms, weight MB, measured ms) per calibration variant
-    points: tuple[tuple[float, float, float], ...] = ()
+    factors: Mapping[str, float] = dataclasses.field(default_factory=dict)
+    overhead: float = 0.0
+    default: float = 1.0
 
-    def cost(self, ms: float, mb: float) -> float:
-        return self.a * ms + self.b * mb
-
-
-def _weight_mb(shape: LayerShape) -> float:
-    return float(np.prod(shape.w)) * 4 / 2**20
-
-
-def _pruned_copy(model: Model, counts: Mapping[int, int]) -> Model:
-    """A copy of `model` with group g cut to its first `counts[g]` channels (which channels
-    does not matter for timing)."""
-    from slimgraph.passes.prune.channels import analyze
-
-    copy = model.clone()
-    analysis = analyze(copy)
-    keep = {gid: np.arange(k) for gid, k in counts.items() if k < analysis.groups[gid].size}
-    if keep:
-        analysis.apply(copy, keep)
-    return copy
+    def cost(self, name: str, ms: float) -> float:
+        # never below a tenth of the table time: a layer of a few channels still costs something
+        return self.factors.get(name, self.default) * max(ms - self.overhead, 0.1 * ms)
 
 
 def calibrate(model: Model, analysis: ChannelAnalysis, group_ids, table: LatencyTable, *,
-              runs: int = 15, floors: Mapping[int, int] | None = None) -> Calibration:
-    """Fit (a, b) of `Calibration` to end-to-end ORT timings of pruned variants of `model`
-    (see the module docstring); the identity calibration when the fit is degenerate."""
-    from scipy.optimize import nnls
-
+              rounds: int = 3, runs: int = 20) -> Calibration:
+    """Per-layer factors from ORT's profile of the whole (dense) model: each weight layer's
+    kernel time inside the model (the fastest of `rounds` profiles of `runs` runs; layers
+    matched by input and weight shape, time shared among layers of the same shapes) over
+    its table time less the isolated-run overhead (see the module docstring). The identity
+    calibration when the profile cannot be taken."""
     from slimgraph.backends import ort
 
-    group_ids = sorted(group_ids)
-    if not group_ids:
-        return Calibration()
     layers = _layers(model, analysis, set(group_ids))
-    sizes = {gid: analysis.groups[gid].size for gid in group_ids}
-    floors = floors or {gid: 1 for gid in group_ids}
-
-    def cut(gids, keep: float) -> dict[int, int]:
-        return {gid: (max(floors[gid], int(round(sizes[gid] * keep))) if gid in gids else sizes[gid])
-                for gid in group_ids}
-
-    # groups ordered by weight MB per table ms of their layers: weight-heavy last
-    def heaviness(gid: int) -> float:
-        ls = [layer for layer in layers if gid in layer.groups]
-        ms = sum(table.latency(layer.shape) for layer in ls)
-        return sum(_weight_mb(layer.shape) for layer in ls) / max(ms, 1e-9)
-
-    ordered = sorted(group_ids, key=heaviness)
-    half = len(ordered) // 2
-    variants = {"dense": cut((), 1.0), "half": cut(group_ids, 0.5)}
-    if half:
-        variants["light"] = cut(ordered[:half], 0.25)
-        variants["heavy"] = cut(ordered[half:], 0.25)
-    features = {}
-    for name, counts in variants.items():
-        shapes = [_resized(analysis, layer, counts) for layer in layers]
-        features[name] = (sum(table.latency(sh) for sh in shapes), sum(_weight_mb(sh) for sh in shapes))
+    by_key: dict[tuple, list[_Layer]] = {}
+    for layer in layers:
+        by_key.setdefault((layer.shape.x, layer.shape.w), []).append(layer)
+    inside = {key: np.inf for key in by_key}
     try:
-        models = {name: _pruned_copy(model, counts) for name, counts in variants.items()}
-        stats = ort.bench(models, None, runs=runs, warmup=3, threads=table.threads)
-    except Exception as e:  # noqa: BLE001 - calibration is an refinement; the table alone still works
+        for _ in range(rounds):
+            report = ort.runtime_report(model, profile_runs=runs, threads=table.threads)
+            sums: dict[tuple, float] = {}
+            for n in report.nodes:
+                if len(n.input_shapes) > 1 and n.input_shapes[0] and n.input_shapes[1] and n.time_us:
+                    key = (tuple(n.input_shapes[0]), tuple(n.input_shapes[1]))
+                    sums[key] = sums.get(key, 0.0) + n.time_us / 1e3
+            inside = {k: min(v, sums.get(k, np.inf)) for k, v in inside.items()}
+    except Exception as e:  # noqa: BLE001 - calibration refines the table; the table alone still works
         logger.warning("latency calibration failed (%s: %s); using the table alone", type(e).__name__, e)
         return Calibration()
-    points = tuple((features[n][0], features[n][1], stats[n].median) for n in variants)
-    x = np.array([[ms, mb, 1.0] for ms, mb, _ in points])
-    y = np.array([t for _, _, t in points])
-    (a, b, c), _ = nnls(x, y)
-    if a <= 0:
-        logger.warning("latency calibration is degenerate (a=%.3g, b=%.3g); using the table alone", a, b)
-        return Calibration(points=points)
-    logger.info("latency calibration: in-model ms = %.3f * table ms + %.3f * weight MB + %.3f", a, b, c)
-    return Calibration(float(a), float(b), float(c), points)
+    overhead = table.latency(OVERHEAD_PROBE)
+    factors = {}
+    for key, ls in by_key.items():
+        if np.isfinite(inside[key]):
+            for layer in ls:
+                alone = table.latency(layer.shape)
+                factors[layer.name] = (inside[key] / len(ls)) / max(alone - overhead, 0.1 * alone)
+    if not factors:
+        logger.warning("latency calibration matched no layer of the profile; using the table alone")
+        return Calibration()
+    default = float(np.median(list(factors.values())))
+    logger.info("latency calibration: %d of %d layers matched; in-model / alone from %.2f to %.2f (median %.2f), "
+                "isolated-run overhead %.3f ms", len(factors), len(layers), min(factors.values()),
+                max(factors.values()), default, overhead)
+    return Calibration(factors, overhead, default)
 
 
 # --- choosing counts --------------------------------------------------------------------------------
@@ -440,9 +423,8 @@ def _resized(analysis: ChannelAnalysis, layer: _Layer, counts: Mapping[int, int]
 
 def _layer_latency(table: LatencyTable, analysis: ChannelAnalysis, layer: _Layer, counts: Mapping[int, int],
                    calibration: Calibration | None = None) -> float:
-    shape = _resized(analysis, layer, counts)
-    ms = table.latency(shape)
-    return ms if calibration is None else calibration.cost(ms, _weight_mb(shape))
+    ms = table.latency(_resized(analysis, layer, counts))
+    return ms if calibration is None else calibration.cost(layer.name, ms)
 
 
 def _uniform_counts(analysis: ChannelAnalysis, group_ids, ratio: float, multiple: int, min_channels: int) -> dict[int, int]:
@@ -520,7 +502,7 @@ def _greedy(model, analysis, scores, config, table, info: dict) -> dict[int, int
     floors = {gid: _floor(analysis.groups[gid].size, config) for gid in group_ids}
     cal = None
     if getattr(config, "calibrate", False):
-        cal = calibrate(model, analysis, group_ids, table, floors=floors)
+        cal = calibrate(model, analysis, group_ids, table)
 
     def cost(layer: _Layer, c: Mapping[int, int]) -> float:
         return _layer_latency(table, analysis, layer, c, cal)
@@ -571,7 +553,8 @@ def _greedy(model, analysis, scores, config, table, info: dict) -> dict[int, int
         current.update(best_step[1])
         total = sum(current.values())
     info.update(predicted_ms=total, dense_ms=dense, floor_ms=floor, goal_ms=goal, steps=steps,
-                calibration=None if cal is None else {"a": cal.a, "b": cal.b, "c": cal.c, "points": cal.points})
+                calibration=None if cal is None else {"factors": dict(cal.factors), "overhead": cal.overhead,
+                                                      "default": cal.default})
     logger.info("prune.structured (latency): predicted %.3f ms of %.3f ms dense (floor %.3f, goal %.3f); "
                 "%d shapes measured", total, dense, floor, goal, table.measured)
     return counts
