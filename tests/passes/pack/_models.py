@@ -33,3 +33,17 @@ def logits(model) -> np.ndarray:
 def initializer_bytes(model) -> list[bytes]:
     """Every initializer's bytes, sorted: equal lists = the same tensors whatever their names."""
     return sorted(v.const_value.numpy().tobytes() for v in model.graph.initializers.values())
+
+
+def optimized_graph(model, path) -> tuple[list[str], list[tuple]]:
+    """(op types, sorted (dims, dtype, bytes) of the initializers) of the graph ORT runs after
+    its optimizations: equal for a packed model and its dense original when ORT folded every
+    decode back into the very same weights."""
+    import onnx
+
+    from slimgraph.backends import ort
+
+    ort.session(model, optimized_model_path=path)
+    graph = onnx.load(str(path)).graph
+    inits = sorted((tuple(t.dims), t.data_type, onnx.numpy_helper.to_array(t).tobytes()) for t in graph.initializer)
+    return [n.op_type for n in graph.node], inits

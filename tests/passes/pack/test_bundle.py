@@ -10,7 +10,7 @@ import slimgraph
 from slimgraph.passes import contracts
 from slimgraph.passes.pack import _bundle
 from slimgraph.passes.pack.sparse import background, split
-from tests.passes.pack._models import initializer_bytes, logits, quantized_digits
+from tests.passes.pack._models import initializer_bytes, logits, optimized_graph, quantized_digits
 from tests.passes.pack.test_sparse import optimized_ops, pack_nodes
 
 
@@ -47,7 +47,7 @@ def test_digits_cnn_bundle_runs_the_dense_graph_and_unpacks_exactly(tmp_path):
     packed = result.model
     assert len(pack_nodes(packed)) == 4  # one marked Reshape per weight, one shared decode
     np.testing.assert_array_equal(logits(q), logits(packed))
-    assert optimized_ops(packed, tmp_path / "p.onnx") == optimized_ops(q, tmp_path / "q.onnx")
+    assert optimized_graph(packed, tmp_path / "p.onnx") == optimized_graph(q, tmp_path / "q.onnx")
     assert contracts.check(packed) == []
     back = slimgraph.run(packed, "unpack").model
     assert pack_nodes(back) == [] and initializer_bytes(back) == initializer_bytes(q)

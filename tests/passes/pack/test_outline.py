@@ -8,8 +8,8 @@ import onnx
 
 import slimgraph
 from slimgraph.passes.pack.outline import DOMAIN
-from tests.passes.pack._models import initializer_bytes, logits, quantized_digits
-from tests.passes.pack.test_sparse import optimized_ops, pack_nodes
+from tests.passes.pack._models import initializer_bytes, logits, optimized_graph, quantized_digits
+from tests.passes.pack.test_sparse import pack_nodes
 from tests.passes.prune._graphs import mlp, weight
 from tests.passes.prune.conftest import build
 
@@ -35,7 +35,7 @@ def test_digits_cnn_decoders_become_calls_of_one_function(tmp_path):
     assert all("slimgraph.pack" in n.metadata_props for n in calls)
     assert len(outlined.ir.functions) == len(table)
     np.testing.assert_array_equal(logits(q), logits(outlined))
-    assert optimized_ops(outlined, tmp_path / "o.onnx") == optimized_ops(q, tmp_path / "q.onnx")
+    assert optimized_graph(outlined, tmp_path / "o.onnx") == optimized_graph(q, tmp_path / "q.onnx")
     saved = slimgraph.save(outlined, tmp_path / "o.onnx")
     assert len(onnx.load(str(saved)).functions) == len(table)
     a = os.path.getsize(slimgraph.save(slimgraph.run(packed, "short_names").model, tmp_path / "a.onnx"))
