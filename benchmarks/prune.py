@@ -588,12 +588,13 @@ def plot(cnns: list[Variant], path: Path) -> None:
                    if v.model == model and v.tool == tool and v.valid == "yes"]
             if not pts:
                 continue
-            ax.scatter([p[0] for p in pts], [p[1] for p in pts], marker=marker, s=70, label=tool)
+            color = f"C{list(markers).index(tool)}"  # one colour per tool in both rows
+            ax.scatter([p[0] for p in pts], [p[1] for p in pts], marker=marker, s=70, label=tool, color=color)
             for x, y, r, _ in pts:
                 ax.annotate(f"{r}", (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
             curve = sorted((p[3], p[1]) for p in pts if p[3] is not None)
             if curve:
-                ax2.plot([c[0] for c in curve], [c[1] for c in curve], marker=marker, ms=8, label=tool)
+                ax2.plot([c[0] for c in curve], [c[1] for c in curve], marker=marker, ms=8, label=tool, color=color)
         xs = np.linspace(15, 100, 50)
         ax.plot(xs, 100 / xs, "k:", lw=1, label="speed-up = 1 / MAC fraction")
         ax.set(title=f"{model} (ORT CPU, 2 threads, batch 1)", xlabel="MACs (% of dense)", ylabel="speed-up vs dense")
