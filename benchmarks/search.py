@@ -43,6 +43,8 @@ from slimgraph.search import objectives as obj  # noqa: E402
 from slimgraph.search import search  # noqa: E402
 
 WORK = common.CACHE / "search"
+#: accuracies within this share of the budget count as equal (1e-4 for a 0.01 budget)
+ACC_TOL = 0.01
 SECTIONS = ("digits", "resnet18", "minilm", "cache", "strategies")
 DIGITS_REFERENCES = ["int8", "int8-dynamic", "int4-weights", "prune-50", "sparse-80", "cluster-16", "deep-compression"]
 
@@ -94,8 +96,9 @@ RESNET_SPACE = {"stages": [
         "prune.magnitude": {"sparsity": {"float": [0.3, 0.8]}},
         "lowrank.svd": {"energy": {"float": [0.9, 0.99]}}}},
     {"name": "clustering", "pick": "one", "passes": {"cluster.kmeans": {"k": [16]}}},
-    {"name": "quantization", "pick": "one", "passes": {
-        "quantize.static": {"per_channel": [True]}, "quantize.dynamic": {}}},
+    # no quantize.dynamic: it only takes a CNN's classifier Gemm, and after k-means it breaks the
+    # clusters contract (10 of 16 trials failed that way in a first run)
+    {"name": "quantization", "pick": "one", "passes": {"quantize.static": {"per_channel": [True, False]}}},
     # one packing at most: pack.clusters after pack.sparse takes ~3 min on this model
     {"name": "packing", "pick": "one", "passes": {"pack.sparse": {}, "pack.clusters": {}}},
 ]}
@@ -141,11 +144,11 @@ def control_noise(model: str, data: str, repeats: int = 5, runs: int = 20) -> li
     return out
 
 
-def covers(front: list[dict], ref: dict, objectives, tol: float) -> dict | None:
-    """A front point that dominates or equals `ref`: accuracy >=, size <=, latency <= within
-    the timing noise `tol` (relative)."""
+def covers(front: list[dict], ref: dict, objectives, tol: float, acc_tol: float) -> dict | None:
+    """A front point that dominates or equals `ref`: accuracy >= (within `acc_tol`), size <=,
+    latency <= within the timing noise `tol` (relative)."""
     for f in sorted(front, key=lambda r: -obj.score(r, objectives)):
-        if f["accuracy"] >= ref["accuracy"] and all(
+        if f["accuracy"] >= ref["accuracy"] - acc_tol and all(
                 f[f"{o}_ratio"] <= ref[f"{o}_ratio"] * (1 + (tol if o == "latency" else 0.0)) for o in objectives):
             return f
     return None
@@ -182,7 +185,7 @@ def run_compare(name: str, model: str, data: str, space, trials: int, max_drop: 
         elif not ref["feasible"]:
             entry["verdict"], entry["by"] = "recipe over budget (any front point beats it under the budget)", None
         else:
-            by = covers(result.front, ref, result.objectives, tol)
+            by = covers(result.front, ref, result.objectives, tol, ACC_TOL * max_drop)
             entry["verdict"] = "dominated or equalled" if by else "NOT covered"
             entry["by"] = by
         refs.append(entry)
@@ -289,7 +292,7 @@ def md_compare(title: str, s: dict, what: str) -> str:
              f"{len(s['trials'])} trials in {s['seconds']:.0f} s; baseline accuracy {b['accuracy']:.4f}, "
              f"{b['size_bytes']} bytes, {b['latency_ms']:.3f} ms. Budget: drop <= {s['max_drop']}. "
              f"Timing noise (control: the original timed against itself, 5 times): {s['noise']}; "
-             f"latency counts as equal within {s['tol']:.0%}.\n"]
+             f"latency counts as equal within {s['tol']:.0%}, accuracy within {ACC_TOL * s['max_drop']:g}.\n"]
     for n in s["notes"]:
         lines.append(f"Note: {n}\n")
     lines.append("### Reference recipes applied alone, and the front point that covers each\n")
@@ -335,6 +338,13 @@ def render() -> str:
                                "16 random images (top-1 agreement is near 1 for anything on random weights: the top "
                                "class hardly depends on the input). "
                                "![pareto](search_pareto_resnet18.png)"))
+        first = RESULTS / "search_resnet18_first_run.json"
+        if first.is_file():
+            f = json.loads(first.read_text())
+            failed = sum(t["status"] == "failed" for t in f["trials"])
+            text.append(f"A first run had quantize.dynamic in the space as well: {failed} of {len(f['trials'])} trials "
+                        "failed (after k-means it breaks the clusters contract on the classifier), and no within-budget "
+                        "recipe was covered (`search_resnet18_first_run.json`); the run above leaves it out.\n")
         targets.append(["ResNet-18: front covers every recipe alone (0.01 fidelity budget)",
                         f"{len(s['trials'])} trials", "yes" if s["met"] else "**no**"])
     if "minilm" in found:
