@@ -842,8 +842,10 @@ def main() -> int:
         "(see below), which makes thin widths and streams read by many layers dear; (2) the table held "
         "medians measured over hours under other processes' load (two entries for 512- and 448-channel "
         "convs disagreed 2x) and the greedy stopped at such bumps; now entries are the fastest of their runs, "
-        "the table is measured afresh in each benchmark run, the greedy looks up to 4 steps ahead and a "
-        "layer never gets dearer by losing channels; (3) a layer alone is not the layer in the model (see "
+        "the table is measured afresh in each benchmark run, and the greedy looks ahead down to half a "
+        "group's current count (ResNet-18's 512-channel convs are slower at 448 channels than at 512, far "
+        "faster at 256: one step at a time it never started cutting them, and replayed with its own "
+        "predictor its path kept ~2x the time of the MAC greedy's at equal importance); (3) a layer alone is not the layer in the model (see "
         "'predicted vs actual' below); now each layer's table time is scaled by its in-model/alone factor "
         "from ORT's profile of the dense model.",
         "",
