@@ -154,6 +154,23 @@ def covers(front: list[dict], ref: dict, objectives, tol: float, acc_tol: float)
     return None
 
 
+def closest(front: list[dict], ref: dict, tol: float, max_drop: float) -> str:
+    """The front point that misses covering `ref` by the least, and by what."""
+    def misses(f):
+        out = []
+        if f["accuracy"] < ref["accuracy"] - ACC_TOL * max_drop:
+            out.append(f"accuracy {f['accuracy'] - ref['accuracy']:+.4f}")
+        if f["latency_ratio"] > ref["latency_ratio"] * (1 + tol):
+            out.append(f"latency x{f['latency_ratio']:.3f} vs x{ref['latency_ratio']:.3f}")
+        if f["size_ratio"] > ref["size_ratio"]:
+            out.append(f"size {f['size_bytes'] - ref['size_bytes']:+,} bytes")
+        return out
+    if not front:
+        return "no point within the budget"
+    best = min(front, key=lambda f: (len(misses(f)), -obj.score(f, ("latency", "size"))))
+    return f"trial {best['number']} (`{best['pipeline']}`) misses by " + "; ".join(misses(best))
+
+
 def row_of(r: dict) -> list:
     status = r["status"] if r["status"] != "ok" else ("ok" if r["feasible"] else "over budget")
     return [r.get("number", r["kind"]), status,
@@ -304,6 +321,9 @@ def md_compare(title: str, s: dict, what: str) -> str:
                      "" if by is None else f"trial {by['number']}: acc {by['accuracy']:.4f}, latency x"
                      f"{by['latency_ratio']:.3f}, size x{by['size_ratio']:.3f}"])
     lines.append(markdown_table(["recipe", "accuracy", "latency x", "size x", "verdict", "covered by"], rows) + "\n")
+    for e in s["references"]:
+        if e["verdict"] == "NOT covered":
+            lines.append(f"Closest for `{e['recipe']}`: {closest(s['front'], e['record'], s['tol'], s['max_drop'])}\n")
     lines.append("### Pareto front (within the budget)\n")
     lines.append(markdown_table(HEAD, [row_of(r) for r in [b, *s["front"]]]) + "\n")
     failed = [t for t in s["trials"] if t["status"] == "failed"]
