@@ -19,7 +19,8 @@ Variants of a model (each a row):
   BatchNormalization kept);
 - slimgraph uniform: `prune.structured(ratio=r, criterion=l1, mode=uniform, multiple=8)`
   run on the float model's ONNX (`cleanup,fuse,<pass>,cleanup`);
-- slimgraph macs: `mode=macs` with `target_macs` = Torch-Pruning's MAC cut at r;
+- slimgraph macs: `mode=macs` with `target_macs` = Torch-Pruning's MAC cut at r and
+  `target_params` = its parameter cut (both budgets honoured);
 - slimgraph latency: `mode=latency` with the same target, i.e. the predicted latency (the
   per-layer ORT latency table, `slimgraph.passes.prune.latency`, calibrated end to end on
   the model) cut by that fraction;
@@ -275,7 +276,10 @@ def prune_all(name, module, float_path, dense, feeds, r, size, ignored, folder, 
     if reference.valid != "yes" or not modes:
         return out
     cut = 1 - reference.macs / 100
-    out.append(slim_variant(name, MACS, r, float_path, folder, f"ratio={r}, mode=macs, target_macs={cut:.4f}",
+    # and its parameter cut: a MAC-driven threshold alone keeps weight-heavy late layers
+    cut_params = 1 - reference.params / 100
+    out.append(slim_variant(name, MACS, r, float_path, folder,
+                            f"ratio={r}, mode=macs, target_macs={cut:.4f}, target_params={cut_params:.4f}",
                             dense, feeds))
     lat = slim_variant(name, LATENCY, r, float_path, folder, f"ratio={r}, mode=latency, target_macs={cut:.4f}",
                        dense, feeds)

@@ -11,7 +11,7 @@
    - global: `ratio` of all channels removed, lowest normalised scores first, with at
      least `min_keep` of each group kept;
    - macs: like global, with the threshold binary-searched until the estimated MACs are
-     down by `target_macs`;
+     down by `target_macs` (and the weight-layer parameters by `target_params`, if set);
    - latency: `slimgraph.passes.prune.latency.choose_keep(model, analysis, scores, config)`
      (measured per-layer latency; `target_latency`, else `target_macs` or `ratio`).
    Counts are rounded to a multiple of `multiple` (never below it, never above the group),
@@ -65,6 +65,9 @@ class PruneStructured(Pass):
         min_keep: float = pydantic.Field(default=0.1, ge=0.0, le=1.0,
                                          json_schema_extra={"domain": {"float": [0.0, 0.5], "log": False}})
         target_macs: float = _fraction(0.5)
+        #: mode macs: also remove at least this fraction of the weight layers' parameters
+        #: (MAC-driven cuts favour high-resolution layers and can keep the weight-heavy ones)
+        target_params: float | None = pydantic.Field(default=None, ge=0.0, lt=1.0)
         #: mode latency: fraction of the predicted latency to remove (None: see latency.py)
         target_latency: float | None = pydantic.Field(default=None, ge=0.0, lt=1.0)
         #: mode latency: fit the layers' in-model cost to end-to-end timings first (latency.py)
@@ -213,20 +216,27 @@ class PruneStructured(Pass):
             everything = np.sort(np.concatenate([normed[g.id] for g in groups]))
             threshold = everything[min(int(len(everything) * cfg.ratio), len(everything) - 1)]
             return at(float(threshold))
-        # macs: the lowest threshold whose estimate meets the target
-        total = float(sum(macs.values())) or 1.0
-        goal = total * (1 - cfg.target_macs)
+        # macs: the lowest threshold whose estimates meet the target(s)
+        goals = [(macs, float(sum(macs.values())) * (1 - cfg.target_macs))]
+        if cfg.target_params is not None:
+            params = _layer_params(model)
+            goals.append((params, float(sum(params.values())) * (1 - cfg.target_params)))
+
+        def meets(counts: dict[int, int]) -> bool:
+            return all(estimate_macs(analysis, cost, counts) <= goal for cost, goal in goals)
+
         lo, hi = 0.0, 1.0 + 1e-9
         for _ in range(40):
             mid = (lo + hi) / 2
-            if estimate_macs(analysis, macs, at(mid)) <= goal:
+            if meets(at(mid)):
                 hi = mid
             else:
                 lo = mid
         best = at(hi)
-        if estimate_macs(analysis, macs, best) > goal:
-            logger.warning("prune.structured: target_macs %.2f is out of reach of the safe groups "
-                           "(min_keep %.2f); pruned as far as they allow", cfg.target_macs, cfg.min_keep)
+        if not meets(best):
+            logger.warning("prune.structured: target_macs %.2f / target_params %s is out of reach of the "
+                           "safe groups (min_keep %.2f); pruned as far as they allow",
+                           cfg.target_macs, cfg.target_params, cfg.min_keep)
         return best
 
 

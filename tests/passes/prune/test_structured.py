@@ -74,6 +74,16 @@ def test_digits_global_and_macs_modes(digits, digits_test, mode):
         assert after >= before // 4
 
 
+def test_digits_macs_mode_with_a_parameter_budget(digits):
+    """target_params adds a second budget to mode=macs: the threshold rises until both the
+    MACs and the weight layers' parameters are cut by their targets."""
+    _, macs_only = prune(digits, mode="macs", target_macs=0.3, multiple=1)
+    _, both = prune(digits, mode="macs", target_macs=0.3, target_params=0.6, multiple=1)
+    assert macs_only["params_after"] > 0.45 * macs_only["params_before"]  # the MAC budget alone keeps them
+    assert both["params_after"] <= 0.42 * both["params_before"]  # weight layers <= 40%, biases aside
+    assert both["macs_after"] <= 0.72 * both["macs_before"]
+
+
 def test_digits_bn_scale_and_rounding(digits, digits_test):
     pruned, stats = prune(digits, ratio=0.3, criterion="bn_scale", multiple=8)
     outs = [r["out ch"] for r in stats["table"]]
