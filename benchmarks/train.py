@@ -271,7 +271,7 @@ def magika(q: bool, curves: dict, threads: int, runs: int) -> tuple[list, list, 
 # --- 3. MiniLM ----------------------------------------------------------------------------------
 MINILM_KEEP = (0, 2, 5)
 MINILM_TRAIN_LENGTH = 64  # tokens; the sentences are ~21 tokens (median), padded to 128 by zoo.minilm_inputs
-MINILM_SENTENCES, MINILM_EPOCHS, MINILM_LR = 4000, 3, 0.0003
+MINILM_SENTENCES, MINILM_EPOCHS, MINILM_LR = 4000, 2, 0.0003
 
 
 def minilm(q: bool, curves: dict, threads: int, runs: int) -> tuple[list, list, dict]:
