@@ -10,7 +10,7 @@ import numpy as np
 import onnx
 import onnx.helper as oh
 import onnx.numpy_helper as onh
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 import slimgraph
@@ -23,6 +23,23 @@ PASSES = ["lift_constants", "fold_batchnorm", "fuse_conv_bias", "matmul_add_to_g
 ACTIVATIONS = ["none", "relu", "silu", "hardswish", "hardsigmoid", "gelu", "gelu_tanh"]
 #: Chains of up to ~40 float32 ops, GELU's tanh form among them, re-associated by fusion.
 RTOL = 1e-4
+
+
+def assume_well_conditioned(model, feeds: dict) -> None:
+    """Skip drawn models whose float32 outputs are not themselves within RTOL / 10 of the
+    float64 answer (outputs that are small differences of large terms): there, float32
+    rounding alone moves them by more than the tolerance, whatever a pass does."""
+    import torch
+
+    from tests.helpers import ort_outputs
+
+    with torch.no_grad():
+        exact = slimgraph.to_torch(model.clone()).double()(torch.from_numpy(feeds["x"]).double())
+    if not isinstance(exact, torch.Tensor):  # one output: a tensor, a tuple or a dict of one
+        exact = next(iter(exact.values())) if isinstance(exact, dict) else exact[0]
+    exact = exact.numpy()
+    ours = next(iter(ort_outputs(model, feeds).values()))
+    assume(np.max(np.abs(ours - exact)) <= RTOL / 10 * max(float(np.max(np.abs(exact))), 1e-12))
 
 
 class Builder:
@@ -140,6 +157,8 @@ def models(draw):
 def test_fusion_passes_keep_outputs_and_validity(case):
     proto, shape, infer_shapes_first = case
     model = slimgraph.load(proto)
+    feeds = {"x": np.random.default_rng(1).normal(size=shape).astype(np.float32)}
+    assume_well_conditioned(model, feeds)
     before = model.clone()
     if infer_shapes_first:
         get_pass("infer_shapes")()(model)
@@ -148,7 +167,7 @@ def test_fusion_passes_keep_outputs_and_validity(case):
         result = get_pass(name)()(model)
         assert result.modified == (model.to_bytes() != snapshot), name  # modified exactly when changed
     check(model)
-    assert_same_outputs(before, model, {"x": np.random.default_rng(1).normal(size=shape).astype(np.float32)}, rtol=RTOL)
+    assert_same_outputs(before, model, feeds, rtol=RTOL)
     # Every BatchNormalization after a Conv whose weight nobody else reads is folded.
     for node in model.graph:
         if node.op_type == "BatchNormalization":
@@ -162,9 +181,10 @@ def test_optimize_recipe_keeps_outputs_and_terminates(case):
     # The whole cleanup+fusion pipeline, through the pass manager (fixed points included).
     proto, shape, _ = case
     model = slimgraph.load(proto)
+    feeds = {"x": np.random.default_rng(2).normal(size=shape).astype(np.float32)}
+    assume_well_conditioned(model, feeds)
     result = slimgraph.run(model, "optimize")
     check(result.model)
-    feeds = {"x": np.random.default_rng(2).normal(size=shape).astype(np.float32)}
     assert_same_outputs(model, result.model, feeds, rtol=RTOL)
     again = slimgraph.run(result.model, "optimize")
     assert [n.op_type for n in again.model.graph] == [n.op_type for n in result.model.graph]
