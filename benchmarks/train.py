@@ -225,7 +225,7 @@ def magika_lowrank_student(rank: int):
 
 
 MAGIKA_RANK = 96  # 24% of magika's MACs
-MAGIKA_EPOCHS, MAGIKA_LR = 5, 0.0005
+MAGIKA_EPOCHS, MAGIKA_LR = 10, 0.0005
 
 
 def magika(q: bool, curves: dict, threads: int, runs: int) -> tuple[list, list, dict]:
