@@ -14,6 +14,12 @@ from slimgraph.passes.cluster._select import PACK_KEY
 from slimgraph.passes.quantize._weights import _attr
 
 
+#: `after` patterns of every pack pass (fnmatch, see passes/pipeline.py): every pass whose
+#: name does not start with p or s, every s-pass but `short_names` (it renames what the pack
+#: passes add), and the prune passes; a later `fold_constants` would fold the decoders back.
+AFTER_WEIGHT_PASSES = ("[!ps]*", "s[!h]*", "prune.*")
+
+
 def _decode_attr(name: str, value) -> ir.Attr:
     if isinstance(value, ir.TensorProtocol):  # ConstantOfShape's fill value
         return ir.AttrTensor(name, value)

@@ -31,7 +31,7 @@ import onnx_ir as ir
 from slimgraph.ir.model import Model
 from slimgraph.passes.base import Pass, PassConfig, PassResult, int_range, register_pass
 from slimgraph.passes.cluster._select import distinct_per_row, prepend
-from slimgraph.passes.pack._decode import DecodeBuilder, pack_codes
+from slimgraph.passes.pack._decode import AFTER_WEIGHT_PASSES, DecodeBuilder, pack_codes
 
 KIND = "clusters"
 PACKABLE = {np.dtype(t) for t in (np.float32, np.float16, np.int8, np.uint8)}
@@ -118,7 +118,7 @@ class PackClusters(Pass):
     name = "pack.clusters"
     # after every transforming pass (fold_constants would fold the decoders back), and after
     # pack.sparse, whose non-zero value vectors it packs in turn
-    after = ("[!ps]*", "s[!h]*", "prune.*", "pack.sparse")
+    after = (*AFTER_WEIGHT_PASSES, "pack.sparse")
 
     class Config(PassConfig):
         #: tensors smaller than this stay as they are

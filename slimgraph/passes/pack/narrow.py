@@ -17,7 +17,7 @@ import onnx_ir as ir
 from slimgraph.ir.model import Model
 from slimgraph.passes.base import Pass, PassConfig, PassResult, int_range, register_pass
 from slimgraph.passes.cluster._select import prepend
-from slimgraph.passes.pack._decode import DecodeBuilder
+from slimgraph.passes.pack._decode import AFTER_WEIGHT_PASSES, DecodeBuilder
 from slimgraph.passes.pack.unpack import pack_nodes
 
 KIND = "narrow"
@@ -44,7 +44,7 @@ class PackNarrow(Pass):
     """Store int32/int64 tensors (quantized biases) as int8/int16 + a Cast ORT folds at load (exact)."""
 
     name = "pack.narrow"
-    after = ("[!ps]*", "s[!h]*", "prune.*", "pack.sparse", "pack.clusters")
+    after = (*AFTER_WEIGHT_PASSES, "pack.sparse", "pack.clusters")
 
     class Config(PassConfig):
         #: tensors with fewer elements stay as they are

@@ -24,6 +24,7 @@ import onnx_ir as ir
 from slimgraph.ir.model import Model
 from slimgraph.passes.base import Pass, PassResult, register_pass
 from slimgraph.passes.cluster._select import PACK_KEY, prepend
+from slimgraph.passes.pack._decode import AFTER_WEIGHT_PASSES
 from slimgraph.passes.pack.unpack import pack_nodes
 
 #: short: every call node names it
@@ -104,7 +105,7 @@ class PackOutline(Pass):
     """Write repeated decode subgraphs once, as model-local functions called per tensor (exact)."""
 
     name = "pack.outline"
-    after = ("[!ps]*", "s[!h]*", "prune.*", "pack.sparse", "pack.clusters", "pack.narrow")
+    after = (*AFTER_WEIGHT_PASSES, "pack.sparse", "pack.clusters", "pack.narrow")
 
     def run(self, model: Model, ctx) -> PassResult:
         trees = decode_trees(model)

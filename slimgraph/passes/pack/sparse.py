@@ -37,9 +37,8 @@ frequent one, which is the zero point of a pruned quantized weight (0 for slimgr
 symmetric int8 weights, 128 for uint8 embedding blocks).
 
 Order: this pass must come after every pass that transforms weights (a later
-`fold_constants` would fold the decoders back into dense tensors): `after = ("[!ps]*",
-"s[!h]*", "prune.*")` is fnmatch for "every pass whose name does not start with p, except
-`short_names` (which renames what the pack passes add), and the prune passes";
+`fold_constants` would fold the decoders back into dense tensors): `after =
+_decode.AFTER_WEIGHT_PASSES`;
 `pack.clusters` then packs the value vectors further.
 """
 
@@ -53,7 +52,7 @@ from slimgraph.ir.model import Model
 from slimgraph.passes.base import Pass, PassConfig, PassResult, choice, float_range, int_range, register_pass
 from slimgraph.passes.cluster._select import distinct_per_row, prepend
 from slimgraph.passes.pack import _bundle, _gaps
-from slimgraph.passes.pack._decode import DecodeBuilder, pack_codes
+from slimgraph.passes.pack._decode import AFTER_WEIGHT_PASSES, DecodeBuilder, pack_codes
 from slimgraph.passes.pack.unpack import pack_nodes
 
 KIND = "sparse"
@@ -120,7 +119,7 @@ class PackSparse(Pass):
     """Store sparse weights as bitmask + non-zero values, decoded by ORT at load (exact)."""
 
     name = "pack.sparse"
-    after = ("[!ps]*", "s[!h]*", "prune.*")
+    after = AFTER_WEIGHT_PASSES
 
     class Config(PassConfig):
         #: tensors with fewer elements stay as they are
