@@ -109,13 +109,18 @@ def parse(spec: Any) -> Pipeline:
     raise PipelineError(f"cannot read a pipeline from a {type(spec).__name__}")
 
 
-def parse_yaml_file(path: Path) -> Pipeline:
+def read_yaml(path: Path, what: str, error: type[Exception] = PipelineError):
+    """The document in a YAML file; `error` naming the file if it is missing or not YAML."""
     if not path.is_file():
-        raise PipelineError(f"{path}: recipe file not found")
+        raise error(f"{path}: {what} file not found")
     try:
-        doc = yaml.safe_load(path.read_text())
+        return yaml.safe_load(path.read_text())
     except yaml.YAMLError as e:
-        raise PipelineError(f"{path}: not valid YAML: {e}") from None
+        raise error(f"{path}: not valid YAML: {e}") from None
+
+
+def parse_yaml_file(path: Path) -> Pipeline:
+    doc = read_yaml(path, "recipe")
     if not isinstance(doc, dict) or not isinstance(doc.get("passes"), list):
         raise PipelineError(f"{path}: a recipe is a mapping with a `passes:` list")
     return Pipeline(_parse_list(doc["passes"], str(path), ()))

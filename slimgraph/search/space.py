@@ -31,11 +31,10 @@ import math
 from pathlib import Path
 from typing import Any, Protocol
 
-import yaml
 
 from slimgraph.errors import PipelineError
 from slimgraph.passes.base import Pass, get_pass, registry, search_domains
-from slimgraph.passes.pipeline import recipe_names
+from slimgraph.passes.pipeline import read_yaml, recipe_names
 
 SPACES_DIR = Path(__file__).with_name("spaces")
 PICKS = ("all", "one", "any")
@@ -317,10 +316,4 @@ def load_space(source: str | Path | dict | None = None) -> Space:
     path = SPACES_DIR / "default.yaml" if source is None else Path(source)
     if source is not None and not path.is_file() and (SPACES_DIR / f"{source}.yaml").is_file():
         path = SPACES_DIR / f"{source}.yaml"
-    if not path.is_file():
-        raise SpaceError(f"{path}: search space file not found")
-    try:
-        doc = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as e:
-        raise SpaceError(f"{path}: not valid YAML: {e}") from None
-    return parse_space(doc, str(path))
+    return parse_space(read_yaml(path, "search space", SpaceError), str(path))
