@@ -144,9 +144,9 @@ class Pass(abc.ABC):
     requires: ClassVar[tuple[str, ...]] = ()
     #: Analyses that stay valid after this pass modifies the model.
     preserves: ClassVar[tuple[str, ...]] = ()
-    #: Order constraints, as fnmatch patterns of pass names: when both appear in a
-    #: pipeline, this pass must run after every pass matching `after`, and before every
-    #: pass matching `before`.
+    #: Order constraints, as fnmatch patterns of pass names (a `!pattern` excludes what
+    #: it matches): when both appear in a pipeline, this pass must run after every pass
+    #: matching `after`, and before every pass matching `before`.
     after: ClassVar[tuple[str, ...]] = ()
     before: ClassVar[tuple[str, ...]] = ()
     #: Bumped whenever the pass's behaviour changes; part of every cache key.

@@ -217,6 +217,16 @@ def _resolve(name: str, config: dict, where: str, seen: tuple[str, ...]) -> list
 
 
 # --- order constraints ----------------------------------------------------------------------
+def matches_order(name: str, patterns: Sequence[str]) -> bool:
+    """Whether pass `name` is named by an `after`/`before` declaration: it matches one of
+    the fnmatch patterns and none of the `!`-prefixed exclusions (`("*", "!pack.*")`: every
+    pass but the pack passes)."""
+    include = [p for p in patterns if not p.startswith("!")]
+    exclude = [p[1:] for p in patterns if p.startswith("!")]
+    return (any(fnmatch.fnmatchcase(name, p) for p in include)
+            and not any(fnmatch.fnmatchcase(name, p) for p in exclude))
+
+
 def order_violations(passes: Sequence[Pass]) -> list[str]:
     """Every pair of passes that breaks a declared `after`/`before` constraint.
 
@@ -229,9 +239,9 @@ def order_violations(passes: Sequence[Pass]) -> list[str]:
         for late in passes[i + 1:]:
             if late.name in ran_before:
                 continue
-            if any(fnmatch.fnmatchcase(late.name, pat) for pat in early.after):
+            if matches_order(late.name, early.after):
                 problems.append(f"{early.name!r} must run after {late.name!r}")
-            if any(fnmatch.fnmatchcase(early.name, pat) for pat in late.before):
+            if matches_order(early.name, late.before):
                 problems.append(f"{late.name!r} must run before {early.name!r}")
     return problems
 
@@ -248,8 +258,8 @@ def order_graph():
         for other in reg:
             if other == name:
                 continue
-            if any(fnmatch.fnmatchcase(other, p) for p in cls.after):
+            if matches_order(other, cls.after):
                 g.add_edge(other, name)
-            if any(fnmatch.fnmatchcase(other, p) for p in cls.before):
+            if matches_order(other, cls.before):
                 g.add_edge(name, other)
     return g

@@ -96,3 +96,18 @@ def test_a_pass_repeated_after_a_constrained_one_is_not_a_violation():
     fold, kmeans = get_pass("fold_batchnorm")(), get_pass("cluster.kmeans")()
     assert order_violations([kmeans, fold]) == ["'cluster.kmeans' must run after 'fold_batchnorm'"]
     assert order_violations([fold, kmeans, fold]) == []  # the int8 recipe's own fuse, again
+
+
+def test_order_patterns_exclude_with_a_bang():
+    from slimgraph.passes.pipeline import matches_order
+
+    pack_after = ("*", "!pack.*", "!short_names")
+    assert matches_order("quantize.static", pack_after)
+    assert matches_order("prune.magnitude", pack_after)
+    assert not matches_order("pack.clusters", pack_after)
+    assert not matches_order("short_names", pack_after)
+    assert not matches_order("cse", ("!cse",))  # exclusions alone name nothing
+    # the pack passes' declaration, read through the order check
+    p = list(parse("pack.sparse,prune.magnitude").passes())
+    assert "'pack.sparse' must run after 'prune.magnitude'" in order_violations(p)
+    assert order_violations(list(parse("pack.sparse,pack.clusters,short_names").passes())) == []

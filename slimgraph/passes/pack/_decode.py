@@ -14,10 +14,10 @@ from slimgraph.passes.cluster._select import PACK_KEY
 from slimgraph.passes.quantize._weights import _attr
 
 
-#: `after` patterns of every pack pass (fnmatch, see passes/pipeline.py): every pass whose
-#: name does not start with p or s, every s-pass but `short_names` (it renames what the pack
-#: passes add), and the prune passes; a later `fold_constants` would fold the decoders back.
-AFTER_WEIGHT_PASSES = ("[!ps]*", "s[!h]*", "prune.*")
+#: `after` patterns of every pack pass (see `matches_order` in passes/pipeline.py): every
+#: pass but the other pack passes and `short_names` (it renames what the pack passes add);
+#: a later `fold_constants` would fold the decoders back.
+AFTER_WEIGHT_PASSES = ("*", "!pack.*", "!short_names")
 
 
 def _decode_attr(name: str, value) -> ir.Attr:
