@@ -463,11 +463,10 @@ def group_weight(group: Group) -> int:
 
 
 def _floor(size: int, config) -> int:
-    multiple = int(getattr(config, "multiple", 1))
-    floor = max(int(np.ceil(float(getattr(config, "min_keep", 0.0)) * size)), int(getattr(config, "min_channels", 1)), 1)
-    if multiple > 1:
-        floor = max(multiple, -(-floor // multiple) * multiple)
-    return min(floor, size)
+    """The fewest channels a group may keep (`_sensitivity.floor_count`)."""
+    from slimgraph.passes.prune._sensitivity import floor_count
+
+    return floor_count(size, config)
 
 
 def _step_down(count: int, multiple: int) -> int:
@@ -479,22 +478,25 @@ def _step_down(count: int, multiple: int) -> int:
 
 def choose_keep(model: Model, analysis: ChannelAnalysis, scores: Mapping[int, np.ndarray], config, *,
                 table: LatencyTable | None = None, progress: bool = True,
-                info: dict | None = None) -> dict[int, int]:
+                info: dict | None = None, losses: Mapping[int, np.ndarray] | None = None) -> dict[int, int]:
     """Kept channel count per group of `scores` (group id -> per-channel importance) so
     that the predicted latency meets the target at the least importance lost (see the
     module docstring). `model` and `analysis` are not modified. `table`: a `LatencyTable`
     (default: the cached one for this CPU, ORT version and 2 threads). `config.calibrate`
     (default off here, on in the pass) fits the in-model cost first (`calibrate`). `info`,
     when given, receives the calibration, the predicted latencies and the greedy's `steps`
-    ((group, new count) in order: the path to any smaller target is a prefix of it)."""
+    ((group, new count) in order: the path to any smaller target is a prefix of it).
+    `losses`: {group id: loss[k], k = 0..size}, what keeping k channels of the group costs
+    (`_sensitivity.sensitivity`), used instead of the log share of `scores` for the groups
+    it covers (the others keep the log share, scaled to the losses' median; see `_losses`)."""
     table = table if table is not None else LatencyTable(progress=progress)
     try:
-        return _greedy(model, analysis, scores, config, table, info if info is not None else {})
+        return _greedy(model, analysis, scores, config, table, info if info is not None else {}, losses)
     finally:
         table.close()
 
 
-def _greedy(model, analysis, scores, config, table, info: dict) -> dict[int, int]:
+def _greedy(model, analysis, scores, config, table, info: dict, losses=None) -> dict[int, int]:
     group_ids = {gid for gid in scores if analysis.groups[gid].safe}
     multiple = int(getattr(config, "multiple", 1))
     layers = _layers(model, analysis, group_ids)
@@ -507,13 +509,7 @@ def _greedy(model, analysis, scores, config, table, info: dict) -> dict[int, int
     def cost(layer: _Layer, c: Mapping[int, int]) -> float:
         return _layer_latency(table, analysis, layer, c, cal)
 
-    # lost_at[k]: -log(share of the group's score kept by its top k channels)
-    lost_at: dict[int, np.ndarray] = {}
-    for gid in group_ids:
-        s = np.sort(np.asarray(scores[gid], dtype=np.float64))[::-1]
-        s = s if s.sum() > 0 else np.ones_like(s)
-        share = np.concatenate([[0.0], np.cumsum(s)]) / s.sum()
-        lost_at[gid] = -np.log(np.maximum(share, 1e-12)) * group_weight(analysis.groups[gid])
+    lost_at = _losses(analysis, group_ids, scores, losses, floors)
     by_group: dict[int, list[_Layer]] = {gid: [] for gid in group_ids}
     for layer in layers:
         for gid in layer.groups:
@@ -524,11 +520,33 @@ def _greedy(model, analysis, scores, config, table, info: dict) -> dict[int, int
         return counts
     # what no pruning can remove: every group at its floor (small layers are mostly overhead)
     floor = sum(cost(layer, floors) for layer in layers)
-    target = latency_target(model, analysis, group_ids, config)
-    goal = floor + (1.0 - target) * max(dense - floor, 0.0)
+    speedup = getattr(config, "target_speedup", None)
+    if speedup is not None:
+        goal = dense / float(speedup)
+        if goal < floor:
+            logger.warning("prune.structured (latency): target_speedup %.2f is out of reach: with every group "
+                           "at its floor the predicted speed-up is %.2fx; pruning to the floor", speedup, dense / floor)
+    else:
+        target = latency_target(model, analysis, group_ids, config)
+        goal = floor + (1.0 - target) * max(dense - floor, 0.0)
+    # further budgets (MACs with target_speedup, parameters), each met as well: a step's
+    # value sums the share of each unmet budget's remaining gap it closes
+    budgets = _budgets(model, analysis, layers, config, speedup is not None)
+    spent = {name: {layer.name: f(layer, counts) for layer in layers} for name, (f, _) in budgets.items()}
+    # the parts of each budget no group touches (layers outside `layers`)
+    budgets_total = {name: _budget_rest(model, analysis, layers, name) for name in budgets}
     total = dense
+
+    def gaps() -> dict[str, float]:
+        out = {"latency": total - goal} if total > goal else {}
+        for name, (_, cap) in budgets.items():
+            used = budgets_total[name] + sum(spent[name].values())
+            if used > cap:
+                out[name] = used - cap
+        return out
+
     steps: list[tuple[int, int]] = []  # (group, new count): the path, a prefix of any longer one
-    while total > goal:
+    while (open_gaps := gaps()):
         best, best_value, best_step = None, -np.inf, None
         for gid in sorted(group_ids):
             # steps ahead, down to half the current count: measured latency is not monotone
@@ -541,23 +559,89 @@ def _greedy(model, analysis, scores, config, table, info: dict) -> dict[int, int
                     break
                 trial = {**counts, gid: nxt}
                 times = {layer.name: cost(layer, trial) for layer in by_group[gid]}
-                saved = sum(current[n] - t for n, t in times.items())
-                lost = float(lost_at[gid][nxt] - lost_at[gid][counts[gid]])  # >= 0: shares only shrink
-                value = saved / max(lost, 1e-9)
-                if saved > 0 and value > best_value:
+                gain = 0.0
+                if "latency" in open_gaps:
+                    gain += sum(current[n] - t for n, t in times.items()) / open_gaps["latency"]
+                for name, (f, _) in budgets.items():
+                    if name in open_gaps:
+                        gain += sum(spent[name][layer.name] - f(layer, trial)
+                                    for layer in by_group[gid]) / open_gaps[name]
+                lost = float(lost_at[gid][nxt] - lost_at[gid][counts[gid]])  # >= 0: losses only grow
+                value = gain / max(lost, 1e-12)
+                if gain > 0 and value > best_value:
                     best, best_value, best_step = gid, value, (nxt, times)
         if best is None:  # nothing left that saves time
             break
         counts[best] = best_step[0]
         steps.append((best, best_step[0]))
         current.update(best_step[1])
+        for name, (f, _) in budgets.items():
+            spent[name].update({layer.name: f(layer, counts) for layer in by_group[best]})
         total = sum(current.values())
     info.update(predicted_ms=total, dense_ms=dense, floor_ms=floor, goal_ms=goal, steps=steps,
+                predicted_speedup=dense / total if total > 0 else float("inf"),
+                objective="sensitivity" if losses else "importance",
+                predicted_error=float(sum(lost_at[g][counts[g]] for g in group_ids)) if losses else None,
                 calibration=None if cal is None else {"factors": dict(cal.factors), "overhead": cal.overhead,
                                                       "default": cal.default})
     logger.info("prune.structured (latency): predicted %.3f ms of %.3f ms dense (floor %.3f, goal %.3f); "
                 "%d shapes measured", total, dense, floor, goal, table.measured)
     return counts
+
+
+def _losses(analysis: ChannelAnalysis, group_ids, scores, losses, floors) -> dict[int, np.ndarray]:
+    """loss[k] per group: the measured sensitivity where given; else the weighted log share
+    of importance lost (`structured.importance_kept`'s), scaled, when some groups have a
+    sensitivity, so that its median at the floor equals theirs (a common unit)."""
+    out: dict[int, np.ndarray] = {}
+    for gid in group_ids:
+        s = np.sort(np.asarray(scores[gid], dtype=np.float64))[::-1]
+        s = s if s.sum() > 0 else np.ones_like(s)
+        share = np.concatenate([[0.0], np.cumsum(s)]) / s.sum()
+        out[gid] = -np.log(np.maximum(share, 1e-12)) * group_weight(analysis.groups[gid])
+    measured = {gid: np.asarray(losses[gid], dtype=np.float64) for gid in group_ids if losses and gid in losses}
+    if measured:
+        ratios = [measured[g][floors[g]] / out[g][floors[g]] for g in measured if out[g][floors[g]] > 0]
+        scale = float(np.median(ratios)) if ratios else 1.0
+        out = {gid: measured.get(gid, out[gid] * scale) for gid in group_ids}
+    return out
+
+
+def _budgets(model: Model, analysis: ChannelAnalysis, layers: list[_Layer], config, with_macs: bool) -> dict:
+    """{name: (cost of a layer at given counts, cap on the model total)}: MACs (only with
+    `target_speedup` and an explicit `target_macs`) and weight parameters (`target_params`)."""
+    out = {}
+    fields_set = getattr(config, "model_fields_set", None)
+    target_macs = getattr(config, "target_macs", None)
+    if with_macs and target_macs is not None and (fields_set is None or "target_macs" in fields_set):
+        macs = dict(model.analysis("macs"))
+        out["macs"] = (_scaled(analysis, macs), float(sum(macs.values())) * (1 - float(target_macs)))
+    target_params = getattr(config, "target_params", None)
+    if target_params is not None:
+        params = _weight_params(model)
+        out["params"] = (_scaled(analysis, params), float(sum(params.values())) * (1 - float(target_params)))
+    return out
+
+
+def _budget_rest(model: Model, analysis: ChannelAnalysis, layers: list[_Layer], name: str) -> float:
+    """The part of budget `name` outside `layers` (fixed: no group changes it)."""
+    inside = {layer.name for layer in layers}
+    costs = dict(model.analysis("macs")) if name == "macs" else _weight_params(model)
+    return float(sum(v for k, v in costs.items() if k not in inside))
+
+
+def _weight_params(model: Model) -> dict[str, int]:
+    from slimgraph.passes.prune.structured import _layer_params
+
+    return _layer_params(model)
+
+
+def _scaled(analysis: ChannelAnalysis, base: Mapping[str, float]):
+    """A layer's `base` cost scaled by its kept input and output fractions (output only for
+    depthwise layers), as `channels.estimate_macs` does for the whole model."""
+    def f(layer: _Layer, counts: Mapping[int, int]) -> float:
+        return estimate_macs(analysis, {layer.name: base.get(layer.name, 0)}, counts)
+    return f
 
 
 def predicted_latency(model: Model, analysis: ChannelAnalysis, counts: Mapping[int, int],

@@ -13,7 +13,10 @@
    - macs: like global, with the threshold binary-searched until the estimated MACs are
      down by `target_macs` (and the weight-layer parameters by `target_params`, if set);
    - latency: `slimgraph.passes.prune.latency.choose_keep(model, analysis, scores, config)`
-     (measured per-layer latency; `target_latency`, else `target_macs` or `ratio`).
+     (measured per-layer latency; `target_speedup`, else `target_latency`, else
+     `target_macs` or `ratio`); the cost of a cut is the output error measured when the
+     group alone is cut (`objective: sensitivity`, `_sensitivity`) or the log share of
+     importance lost (`objective: importance`).
    Counts are rounded to a multiple of `multiple` (never below it, never above the group),
    and at least `min_channels`; the highest-scoring channels are kept.
 5. `channels.apply` slices every tensor of each group and re-checks the model.
@@ -72,6 +75,16 @@ class PruneStructured(Pass):
         target_latency: float | None = pydantic.Field(default=None, ge=0.0, lt=1.0)
         #: mode latency: fit the layers' in-model cost to end-to-end timings first (latency.py)
         calibrate: bool = True
+        #: mode latency: predicted model time <= dense / target_speedup (instead of
+        #: target_latency / target_macs / ratio; an explicit target_macs and target_params
+        #: are then budgets met as well)
+        target_speedup: float | None = None
+        #: mode latency: what a cut costs: `sensitivity` (the output error when the group
+        #: alone is cut, measured on sample data or random inputs, _sensitivity.py) or
+        #: `importance` (the log share of the criterion's score kept)
+        objective: str = choice("sensitivity", "importance", default="sensitivity")
+        #: inputs the sensitivity is measured on
+        sensitivity_samples: int = int_range(1, 256, default=4)
         multiple: int = int_range(1, 64, default=8)
         min_channels: int = int_range(1, 1 << 16, default=1)
         samples: int = int_range(1, 4096, default=64)
@@ -80,6 +93,13 @@ class PruneStructured(Pass):
 
     def run(self, model: Model, ctx) -> PassResult:
         cfg = self.config
+        if cfg.target_speedup is not None:
+            if cfg.mode != "latency":
+                raise PassError(self.name, f"target_speedup needs mode=latency (got mode={cfg.mode!r}): only the "
+                                           "latency mode predicts time; use target_macs with the other modes")
+            if not cfg.target_speedup > 1.0:
+                raise PassError(self.name, f"target_speedup must be > 1 (the dense model is 1x), got "
+                                           f"{cfg.target_speedup}")
         if cfg.criterion in _importance.ACTIVATION_CRITERIA and not ctx.data:
             raise PassError(self.name, f"criterion {cfg.criterion!r} needs sample data (--data D.npz); "
                                        "use l1, l2 or bn_scale without data")
@@ -99,6 +119,7 @@ class PruneStructured(Pass):
         scores = _importance.scores(model, analysis, groups, cfg.criterion, data=ctx.data,
                                     samples=cfg.samples, rng=ctx.rng())
         self._latency_info: dict = {}
+        self._data, self._rng = ctx.data, ctx.rng()
         counts = self._counts(model, analysis, groups, scores, macs)
         keep = {g.id: np.sort(np.argsort(-scores[g.id], kind="stable")[:counts[g.id]])
                 for g in groups if counts[g.id] < g.size}
@@ -187,6 +208,21 @@ class PruneStructured(Pass):
                     counts = trial
         return counts
 
+    def _sensitivity(self, model, analysis, groups, scores) -> dict[int, np.ndarray] | None:
+        """Per-group output error curves for the latency greedy (`_sensitivity`); None, with a
+        warning, when the model cannot be run on random inputs and no data was given."""
+        from slimgraph.errors import DataError
+        from slimgraph.passes.prune import _sensitivity
+
+        cfg = self.config
+        try:
+            feeds = _sensitivity.calibration_feeds(model, self._data, cfg.sensitivity_samples, self._rng)
+        except DataError as e:
+            logger.warning("prune.structured: no sensitivity (%s); the latency mode trades importance instead", e)
+            return None
+        floors = {g.id: _sensitivity.floor_count(g.size, cfg) for g in groups}
+        return _sensitivity.sensitivity(model, groups, scores, floors, cfg.multiple, feeds)
+
     def _step(self, unit: int) -> int:
         return max(1, self.config.multiple // math.gcd(self.config.multiple, unit))
 
@@ -200,8 +236,9 @@ class PruneStructured(Pass):
             except ImportError:
                 raise PassError(self.name, "mode 'latency' needs slimgraph.passes.prune.latency, which is "
                                            "not installed in this build; use mode 'macs' or 'global'") from None
+            losses = self._sensitivity(model, analysis, groups, scores) if cfg.objective == "sensitivity" else None
             chosen = latency.choose_keep(model, analysis, {g.id: scores[g.id] for g in groups}, cfg,
-                                         info=self._latency_info)
+                                         info=self._latency_info, losses=losses)
             return {g.id: int(min(max(1, chosen.get(g.id, g.size)), g.size)) for g in groups}
         normed = {g.id: scores[g.id] / max(float(np.max(scores[g.id])), 1e-12) for g in groups}
 

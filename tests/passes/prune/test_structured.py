@@ -164,8 +164,8 @@ def test_latency_mode_without_its_module(digits, monkeypatch):
 def test_latency_mode_uses_choose_keep(digits, monkeypatch):
     seen = {}
 
-    def choose_keep(model, analysis, scores, config, info=None):
-        seen.update(scores=scores, config=config)
+    def choose_keep(model, analysis, scores, config, info=None, losses=None):
+        seen.update(scores=scores, config=config, losses=losses)
         info.update(predicted_ms=1.0)
         return {gid: 8 for gid in scores}
 
@@ -179,6 +179,9 @@ def test_latency_mode_uses_choose_keep(digits, monkeypatch):
     assert sorted(len(s) for s in seen["scores"].values()) == [16, 32, 32]
     assert [r["out ch"] for r in stats["table"]][:3] == ["16 -> 8", "32 -> 8", "32 -> 8"]
     assert stats["latency"] == {"predicted_ms": 1.0}  # what choose_keep reports goes to the stats
+    # objective sensitivity (the default): an output-error curve per group, 0 when whole
+    assert sorted(seen["losses"]) == sorted(seen["scores"])
+    assert all(curve[-1] == 0 and np.all(np.diff(curve) <= 0) for curve in seen["losses"].values())
 
 
 # --- torch architectures exported to ONNX ----------------------------------------------------------
