@@ -143,6 +143,7 @@ def test_target_speedup_on_the_digits_cnn_pass(tmp_path, monkeypatch):
     test is fast and deterministic; test_latency measures a real one): the latency stats
     carry the predicted speed-up, which meets the target; the model is valid and smaller."""
     model = slimgraph.load(str(zoo.digits_cnn()))  # from the usual cache, before it moves
+    test = zoo.digits_test_data()
     monkeypatch.setenv(zoo.CACHE_ENV, str(tmp_path))  # the table goes here
     monkeypatch.setattr(latency.LatencyTable, "_measure", lambda self, shape: 1e-3 + macs_of(shape) * 1e-6)
     result = slimgraph.run(model,
@@ -152,7 +153,6 @@ def test_target_speedup_on_the_digits_cnn_pass(tmp_path, monkeypatch):
     assert info["objective"] == "sensitivity" and info["predicted_error"] is not None
     assert info["predicted_speedup"] >= 1.5
     assert stats["macs_after"] < stats["macs_before"]
-    test = zoo.digits_test_data()
     logits = ort.run(ort.session(result.model), {"input": test["input"][:16]})["logits"]
     assert logits.shape == (16, 10) and np.isfinite(logits).all()
 
