@@ -10,6 +10,13 @@ epochs (pruned zeros stay zero), and a final fine-tune of `final_epochs` follows
 Unstructured steps call `prune.magnitude`; structured steps call `prune.structured`
 with the step's ratio of the channels that are left (so the kept fraction follows
 1 - s_t overall).
+
+With `teacher` set (`input`: the pipeline's input model, or an ONNX path), every
+fine-tune is `train.distill` instead: the pruned model learns the teacher's softened
+outputs (temperature `temperature`) plus `hard_weight` x the label cross-entropy, the
+usual pairing of gradual pruning with knowledge distillation from the dense model. The
+soft targets carry more than the labels (how alike the classes look), which is what
+the heavily pruned model needs to recover the dense model's decisions.
 """
 
 from __future__ import annotations
@@ -51,12 +58,16 @@ class PruneGradual(Pass):
         min_size: int = 64
         multiple: int = int_range(1, 64, default=8)
         exclude: tuple[str, ...] = ()
+        #: distil from this model while fine-tuning: "input" (the pipeline's input) or a model path
+        teacher: str | None = None
+        temperature: float = float_range(1.0, 20.0, default=4.0)
+        #: with a teacher: weight of the hard-label cross-entropy next to the soft targets
+        hard_weight: float = float_range(0.0, 1.0, default=0.5)
 
     def run(self, model: Model, ctx: PassContext) -> PassResult:
         from slimgraph.passes.base import get_pass
 
         cfg = self.config
-        train = dict(lr=cfg.lr, batch_size=cfg.batch_size, schedule="constant")
         history, kept = [], 1.0
         layers = {pattern: cubic_schedule(final, cfg.steps) for pattern, final in cfg.per_layer.items()}
         for step, target in enumerate(cubic_schedule(cfg.sparsity, cfg.steps)):
@@ -70,9 +81,20 @@ class PruneGradual(Pass):
                 prune = get_pass("prune.structured")(ratio=max(0.0, min(step_ratio, 0.99)), multiple=cfg.multiple,
                                                      exclude=cfg.exclude)
             prune.run(model, ctx)
-            tuned = get_pass("train.finetune")(epochs=cfg.epochs_per_step, **train).run(model, ctx)
+            tuned = self._tune(cfg.epochs_per_step, "constant").run(model, ctx)
             history.append({"sparsity": round(target, 4), "loss": tuned.stats["loss_last_epoch"]})
         if cfg.final_epochs:
-            final = get_pass("train.finetune")(epochs=cfg.final_epochs, lr=cfg.lr, batch_size=cfg.batch_size)
-            final.run(model, ctx)
-        return PassResult(model, True, {"steps": cfg.steps, "final_sparsity": cfg.sparsity, "table": history})
+            self._tune(cfg.final_epochs, "cosine").run(model, ctx)
+        return PassResult(model, True, {"steps": cfg.steps, "final_sparsity": cfg.sparsity, "table": history,
+                                        "distilled": cfg.teacher is not None})
+
+    def _tune(self, epochs: int, schedule: str) -> Pass:
+        """The fine-tuning pass run after a step: train.finetune, or train.distill with a teacher."""
+        from slimgraph.passes.base import get_pass
+
+        cfg = self.config
+        common = dict(epochs=epochs, lr=cfg.lr, batch_size=cfg.batch_size, schedule=schedule)
+        if cfg.teacher is None:
+            return get_pass("train.finetune")(**common)
+        return get_pass("train.distill")(teacher=cfg.teacher, temperature=cfg.temperature,
+                                         hard_weight=cfg.hard_weight, **common)

@@ -29,3 +29,25 @@ def test_gradual_unstructured_on_the_mlp():
     (logits,) = ort.run_batched(out.model, {"input": test["input"]}).values()
     assert float((logits.argmax(1) == test["labels"]).mean()) > 0.93
     assert [row["sparsity"] for row in out.report.rows[-1].stats["table"]] == [round(v, 4) for v in cubic_schedule(0.8, 2)]
+
+
+def test_gradual_with_a_teacher_distils_every_fine_tune():
+    """teacher=input: each fine-tune is train.distill from the dense input model; sparsity still reached."""
+    d, test = zoo.digits_data(), zoo.digits_test_data()
+    out = slimgraph.run(zoo.digits_mlp(), "optimize, prune.gradual(sparsity=0.8, steps=2, epochs_per_step=1, "
+                        "final_epochs=2, keep_first_last=false, teacher=input, temperature=4)",
+                        data={"input": d.x_train}, labels=d.y_train)
+    stats = out.report.rows[-1].stats
+    assert stats["distilled"] is True
+    weights = [v.const_value.numpy() for v in out.model.graph.initializers.values() if v.const_value.numpy().ndim == 2]
+    assert all(abs(float((w == 0).mean()) - 0.8) < 0.01 for w in weights)
+    (logits,) = ort.run_batched(out.model, {"input": test["input"]}).values()
+    assert float((logits.argmax(1) == test["labels"]).mean()) > 0.93
+
+
+def test_gradual_teacher_that_cannot_run_on_the_data_is_refused():
+    """A teacher whose inputs the data lacks (magika for digits) stops the pass, naming the inputs."""
+    d = zoo.digits_data()
+    with pytest.raises(slimgraph.errors.SlimgraphError, match=r"teacher needs inputs \['bytes'\]"):
+        slimgraph.run(zoo.digits_mlp(), f"prune.gradual(sparsity=0.5, steps=1, epochs_per_step=1, final_epochs=0, "
+                      f"teacher='{zoo.magika_model_path()}')", data={"input": d.x_train}, labels=d.y_train)
