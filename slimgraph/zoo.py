@@ -178,6 +178,47 @@ def magika_files(n: int, seed: int = 0) -> list[Path]:
     return chosen
 
 
+def magika_views(paths: list[Path], n: int, seed: int = 0) -> np.ndarray:
+    """int32 [n, beg_size + end_size]: magika inputs of `n` random byte ranges of real files
+    (augmentation for distillation, where the teacher labels each view): half are the
+    file cut short at a random length (real start, end from inside the file), a quarter a
+    random tail (real end), a quarter a random window. Each range is read as if it were
+    the whole file, with magika's feature rules; ranges magika would not model are drawn again."""
+    cfg = magika_config()
+    block, pad, least = cfg["block_size"], cfg["padding_token"], cfg["min_file_size_for_dl"]
+    beg_size, end_size = cfg["beg_size"], cfg["end_size"]
+    rng = np.random.default_rng(seed)
+    sizes = [os.path.getsize(p) for p in paths]
+    usable = [i for i, size in enumerate(sizes) if size >= least]
+    if not usable:
+        raise DataError(f"none of the {len(paths)} files has the {least} bytes magika needs")
+    out = np.empty((n, beg_size + end_size), np.int32)
+    done = 0
+    for _ in range(50 * n):  # a few ranges (mostly whitespace) are skipped, as magika would
+        if done == n:
+            break
+        i = usable[int(rng.integers(len(usable)))]
+        size, kind = sizes[i], rng.random()
+        start = 0 if kind < 0.5 else int(rng.integers(0, size - least + 1))
+        stop = size if 0.5 <= kind < 0.75 else int(rng.integers(start + least, size + 1))
+        length = stop - start
+        k = min(block, length)
+        with open(paths[i], "rb") as f:
+            f.seek(start)
+            beg = f.read(k).lstrip()[:beg_size]
+            f.seek(stop - k)
+            end = f.read(k).rstrip()
+        end = end[len(end) - end_size:] if len(end) > end_size else end
+        beg_ints = list(beg) + [pad] * (beg_size - len(beg))
+        if beg_ints[least - 1] == pad:
+            continue
+        out[done] = beg_ints + [pad] * (end_size - len(end)) + list(end)
+        done += 1
+    if done < n:
+        raise DataError(f"drew only {done} usable byte ranges of {len(paths)} files, {n} asked for")
+    return out
+
+
 def magika_inputs(n: int = 64, seed: int = 0) -> dict[str, np.ndarray]:
     """`{"bytes": int32 [n, 2048]}`: features of `magika_files(n, seed)`."""
     files = magika_files(n, seed)
