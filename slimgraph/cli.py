@@ -444,7 +444,8 @@ def cmd_search(args) -> int:
         executor=args.executor, address=args.address, fallback_local=args.fallback_local, space=args.space,
         resume=args.resume, cache=not args.no_cache, cache_dir=args.cache_dir, metric=args.metric,
         proxy_samples=args.proxy_samples, latency_runs=args.latency_runs, threads=args.threads, seed=args.seed,
-        references=[r for r in (args.reference or "").split(",") if r], progress=not args.quiet)
+        references=[r for r in (args.reference or "").split(",") if r], progress=not args.quiet,
+        seed_recipes=_seed_recipes(args.seed_recipes))
     if not args.quiet:
         best = result.best
         verdict = "budget met" if result.budget_met else "NO candidate meets the budget"
@@ -454,6 +455,13 @@ def cmd_search(args) -> int:
                       f"latency x{best['latency_ratio']:.3f}, size x{best['size_ratio']:.3f}")
         out.print(f"wrote {result.output}/ (best.onnx, best.yaml, report.md, trials.csv, pareto.png)")
     return 0
+
+
+def _seed_recipes(text: str) -> bool | list[str]:
+    """--seed-recipes: auto (True), none (False) or a comma-separated list of recipes."""
+    if text in ("auto", "none"):
+        return text == "auto"
+    return [r for r in text.split(",") if r]
 
 
 # --- parser ---------------------------------------------------------------------------------
@@ -637,6 +645,10 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--space", metavar="SPACE.yaml", help="search space file (default: the built-in space)")
     sp.add_argument("--reference", metavar="R1,R2", help="built-in recipes to evaluate alone as reference rows, "
                     "e.g. int8,cluster-16")
+    sp.add_argument("--seed-recipes", default="auto", metavar="auto|none|R1,R2",
+                    help="built-in recipes tried alone as the first trials (a warm start; they count toward "
+                    "--trials). auto (default): the --reference recipes, else int8-dynamic, int4-weights, "
+                    "cluster-16, int8 (with --data), prune-50, sparse-80; none: only the space")
     sp.add_argument("--jobs", type=int, default=1, help="candidates built and scored in parallel (default 1)")
     sp.add_argument("--executor", choices=["local", "ray"], default="local",
                     help="local process pool (default) or a Ray cluster")

@@ -70,15 +70,20 @@ def search(
     cache_dir: str | Path | None = None, metric: str = "auto", proxy_samples: int = 32,
     proxy_factor: float = 3.0, latency_runs: int = 20, threads: int = 1, seed: int = 0,
     references: Sequence[str] = (), grid: int = 3, progress: bool = False,
-    on_trial: Callable[[dict], None] | None = None,
+    on_trial: Callable[[dict], None] | None = None, seed_recipes: bool | Sequence[str] = True,
 ) -> SearchResult:
     """Search pass orders and configs of `space` for `model` against accuracy (the `eval`
     function, or fidelity to the original on `data`), latency and size, under an accuracy
     drop of at most `max_drop`. Writes best.onnx, best.yaml, trials.csv/jsonl, report.md and
-    pareto.png to `output`. See `slimgraph search --help` for every option."""
+    pareto.png to `output`. See `slimgraph search --help` for every option.
+
+    `seed_recipes` (a warm start, as Olive/NNCF users expect): the first trials are built-in
+    recipes applied alone (True: `references` if given, else `DEFAULT_SEEDS` that fit the data;
+    or a list of recipe names; False: none). They count toward `trials` and are marked
+    `seeded` in the history, so the front equals or dominates each of them under the budget."""
     t0 = time.perf_counter()
     plan = _validate(model, data, output, eval, max_drop, objectives, trials, strategy, jobs, space,
-                     resume, metric, references)
+                     resume, metric, references, seed_recipes)
     runner, note = make_executor(executor, jobs=jobs, address=address, fallback_local=fallback_local)
     notes = [*plan["notes"], *([note] if note else [])]
     out: Path = plan["output"]
@@ -104,7 +109,7 @@ def search(
         strat = make_strategy(strategy, plan["space"], study=study, score=lambda r: obj.score(r, plan["objectives"]),
                               seed=seed, grid=grid)
         started = True
-        found = driver.loop(strat, study, trials)
+        found = driver.loop(strat, study, trials, seeds=plan["seeds"], references=refs)
     except BaseException:
         if created and not started:  # failed before any trial: leave nothing behind
             shutil.rmtree(out, ignore_errors=True)
@@ -121,7 +126,7 @@ def search(
 
 # --- validation (before anything is written) ------------------------------------------------------
 def _validate(model, data, output, eval, max_drop, objectives, trials, strategy, jobs, space, resume,
-              metric, references) -> dict:
+              metric, references, seed_recipes=False) -> dict:
     import slimgraph
     from slimgraph import data as sgdata
     from slimgraph.passes.base import _has_module
@@ -153,6 +158,14 @@ def _validate(model, data, output, eval, max_drop, objectives, trials, strategy,
     unknown = [r for r in references if r not in recipe_names()]
     if unknown:
         raise PipelineError(f"unknown reference recipe(s) {unknown} (recipes: {', '.join(recipe_names())})")
+    seeds = _seeds(seed_recipes, references, arrays is not None)
+    unknown = [r for r in seeds if r not in recipe_names()]
+    if unknown:
+        raise PipelineError(f"unknown recipe(s) to seed the search with {unknown} "
+                            f"(recipes: {', '.join(recipe_names())})")
+    if len(seeds) > trials:
+        notes.append(f"only the first {trials} of the {len(seeds)} seeded recipes fit in --trials {trials}")
+        seeds = seeds[:trials]
     sp = space if isinstance(space, Space) else load_space(space)
     available = {"torch"} if _has_module("torch") else set()
     if arrays:
@@ -173,8 +186,23 @@ def _validate(model, data, output, eval, max_drop, objectives, trials, strategy,
     if not resume and db.is_file():
         raise DataError(f"-o {out}: already holds a search; add --resume to continue it, or choose another folder")
     return {"model": m, "data": arrays, "labels": labels, "objectives": objectives, "space": sp,
-            "output": out, "notes": notes, "references": list(references),
+            "output": out, "notes": notes, "references": list(references), "seeds": seeds,
             "data_path_for_cmd": str(data) if isinstance(data, (str, Path)) else None}
+
+
+#: recipes a search starts from when no references are given (those needing data only with data)
+DEFAULT_SEEDS = ("int8-dynamic", "int4-weights", "cluster-16", "int8", "prune-50", "sparse-80")
+_NEEDS_DATA = ("int8",)
+
+
+def _seeds(seed_recipes, references, has_data: bool) -> list[str]:
+    if seed_recipes is True:
+        names = list(references) or [r for r in DEFAULT_SEEDS if has_data or r not in _NEEDS_DATA]
+    elif not seed_recipes:
+        names = []
+    else:
+        names = [seed_recipes] if isinstance(seed_recipes, str) else list(seed_recipes)
+    return list(dict.fromkeys(names))
 
 
 def _materialise(out: Path, model, plan) -> tuple[Path, str | None]:
@@ -274,7 +302,8 @@ class _Driver:
                 rec["drop"] = None
         return rec
 
-    def loop(self, strategy, study, trials: int) -> list[dict]:
+    def loop(self, strategy, study, trials: int, seeds: Sequence[str] = (),
+             references: Sequence[dict] = ()) -> list[dict]:
         from optuna.trial import TrialState
 
         memo: dict[str, dict] = {}
@@ -284,8 +313,10 @@ class _Driver:
             if rec is not None and t.state in (TrialState.COMPLETE, TrialState.FAIL, TrialState.PRUNED):
                 memo.setdefault(rec["key"], rec)
                 found.append(rec)
+        strategy.known = lambda key: key in memo
         display = _Display(self.progress, trials, len(found))
         with display:
+            self._seed(study, seeds, references, found, memo, trials, display)
             while len(found) < trials:
                 proposals = strategy.propose(min(self.runner.jobs, trials - len(found)))
                 if not proposals:
@@ -297,8 +328,8 @@ class _Driver:
                         fresh.append((cand, trial))
                     elif trial is None:  # a replay after --resume: known, not a new trial
                         strategy.observe(cand, rec)
-                    else:  # optuna proposed a pipeline it already has: same result, new trial
-                        rec = {**rec, "duplicate_of": rec["number"]}
+                    else:  # the space is exhausted (re-sampling found nothing new): same result, new trial
+                        rec = {**rec, "duplicate_of": rec["number"], "seeded": None}
                         self._store(study, trial, rec, len(found))
                         found.append(rec)
                         display.update(found, self)
@@ -314,6 +345,22 @@ class _Driver:
                     display.update(found, self)
                     self._notify(rec)
         return found
+
+    def _seed(self, study, seeds, references, found, memo, trials, display) -> None:
+        """The seeded recipes as the first trials (each once, also after --resume); a recipe
+        already measured as a reference row is not built again: its record becomes the trial."""
+        done = {r.get("seeded") for r in found}
+        by_name = {r["pipeline"]: r for r in references}
+        todo = [name for name in seeds if name not in done][: max(0, trials - len(found))]
+        fresh = [Candidate.from_spec([n]) for n in todo if n not in by_name]
+        measured = dict(zip([str(c) for c in fresh], self.evaluate([(c, "trial") for c in fresh])))
+        for name in todo:
+            rec = {**(by_name.get(name) or measured[name]), "kind": "trial", "seeded": name}
+            self._store(study, None, rec, len(found))
+            memo.setdefault(rec["key"], rec)
+            found.append(rec)
+            display.update(found, self)
+            self._notify(rec)
 
     def _notify(self, rec: dict) -> None:
         if self.on_trial is not None:

@@ -3,7 +3,11 @@
 Between two items of a space (a pass or a recipe, expanded to its passes) there is an edge
 a -> b when running b first breaks a declared constraint and running a first does not
 (`pipeline.order_violations`, the same check the pass manager makes before it runs
-anything). A stage that searches the order sorts its chosen items topologically in this
+anything), and when a pass declares `incompatible_after` (fnmatch patterns of passes whose
+result it cannot keep, e.g. `quantize.weight_only` after `cluster.kmeans`: the int4 blocks
+cannot hold the codebooks, so the clusters contract always fails), a pair with that pass
+after a matching one is illegal too: the search never proposes a pipeline that always
+fails. A stage that searches the order sorts its chosen items topologically in this
 graph, the sampled permutation only breaking ties, so an illegal order is never built; an
 item that cannot follow the ones chosen before it (in any order) is dropped.
 """
@@ -15,7 +19,7 @@ import functools
 import networkx as nx
 
 from slimgraph.passes.base import Pass
-from slimgraph.passes.pipeline import order_violations, parse
+from slimgraph.passes.pipeline import matches_order, order_violations, parse
 from slimgraph.search.space import Item, Space, SpaceError, Stage
 
 
@@ -31,7 +35,20 @@ def legal(names: list[str] | tuple[str, ...]) -> bool:
 
 @functools.lru_cache(maxsize=4096)
 def violations(names: tuple[str, ...]) -> tuple[str, ...]:
-    return tuple(order_violations([p for n in names for p in _expanded(n)]))
+    passes = [p for n in names for p in _expanded(n)]
+    return tuple(order_violations(passes)) + tuple(incompatibilities(passes))
+
+
+def incompatibilities(passes: list[Pass]) -> list[str]:
+    """Pairs where a pass runs after one its `incompatible_after` names (a pass it is known
+    to always fail after: it cannot keep the contract the earlier one recorded)."""
+    problems = []
+    for i, late in enumerate(passes):
+        patterns = getattr(late, "incompatible_after", ())
+        for early in passes[:i]:
+            if patterns and matches_order(early.name, patterns):
+                problems.append(f"{late.name!r} cannot run after {early.name!r} (it declares incompatible_after)")
+    return problems
 
 
 def item_graph(items: list[Item] | tuple[Item, ...]) -> nx.DiGraph:

@@ -18,7 +18,7 @@ from slimgraph.search.candidate import Candidate
 
 CSV_COLUMNS = ("number", "kind", "status", "feasible", "accuracy", "drop", "latency_ms", "latency_ratio",
                "size_bytes", "size_ratio", "proxy", "cache_hits", "steps_built", "build_seconds",
-               "eval_seconds", "pipeline", "error")
+               "eval_seconds", "seeded", "duplicate_of", "pipeline", "error")
 
 
 def summarise(out, baseline, references, trials, objectives, max_drop, strategy, seconds, notes):
@@ -74,6 +74,7 @@ def _f(v, fmt=".4f") -> str:
 
 def _row(r: dict, front_keys: set[str]) -> str:
     name = r["kind"] if r["kind"] != "trial" else str(r.get("number", ""))
+    name += " (seeded)" if r.get("seeded") else ""
     mark = " *" if r["key"] in front_keys else ""
     return (f"| {name}{mark} | {r['status'] if r['status'] != 'ok' else ('ok' if r['feasible'] else 'over budget')} "
             f"| {_f(r.get('accuracy'))} | {_f(r.get('drop'), '+.4f')} | {_f(r.get('latency_ms'), '.3f')} "
@@ -107,6 +108,14 @@ def markdown(result) -> str:
             "No candidate could even be evaluated; see the failed trials.") + "\n")
     for n in result.notes:
         lines.append(f"Note: {n}\n")
+    seeded = [r["seeded"] for r in result.trials if r.get("seeded")]
+    if seeded:
+        lines.append(f"Seeded: the first {len(seeded)} trials are built-in recipes applied alone ({', '.join(seeded)}); "
+                     "they count toward the trials.\n")
+    repeats = [r for r in result.trials if r.get("duplicate_of") is not None]
+    if repeats:
+        lines.append(f"{len(repeats)} trial(s) repeat an earlier pipeline (the space had nothing new left after "
+                     "re-sampling): their stored results were reused.\n")
     lines.append("## Pareto front (within the budget)\n")
     lines.append(HEADER + "\n".join(_row(r, front_keys) for r in [b, *result.front]) + "\n")
     if result.references:

@@ -102,16 +102,44 @@ class Strategy(abc.ABC):
 
 
 class OptunaStrategy(Strategy):
+    """optuna's sampler proposes; a proposal of a pipeline already evaluated (`known`, set by
+    the driver) or already in the batch is told back as failed and re-sampled, after
+    `switch` repeats with optuna's random sampler; after `attempts` the space counts as
+    exhausted and the repeat is returned (the driver then reuses its stored result)."""
+
     uses_optuna = True
 
-    def __init__(self, space: Space, study):
-        self.space, self.study = space, study
+    def __init__(self, space: Space, study, *, seed: int = 0, attempts: int = 50, switch: int = 5):
+        self.space, self.study, self.seed = space, study, seed
+        self.attempts, self.switch = attempts, switch
+        self.resampled = 0
+
+    def known(self, key: str) -> bool:  # replaced by the driver
+        return False
 
     def propose(self, n):
-        out = []
+        import optuna
+        from optuna.trial import TrialState
+
+        out, batch = [], set()
         for _ in range(n):
-            trial = self.study.ask()
-            out.append((to_candidate(self.space.sample(OptunaChooser(trial))), trial))
+            for attempt in range(self.attempts):
+                sampler = self.study.sampler
+                if attempt >= self.switch:  # the model-based sampler keeps returning known points
+                    self.study.sampler = optuna.samplers.RandomSampler(seed=self.seed + self.resampled)
+                try:
+                    trial = self.study.ask()
+                    cand = to_candidate(self.space.sample(OptunaChooser(trial)))
+                finally:
+                    self.study.sampler = sampler
+                key = cand.key()
+                if (not self.known(key) and key not in batch) or attempt == self.attempts - 1:
+                    break
+                trial.set_user_attr("duplicate_of", key)
+                self.study.tell(trial, state=TrialState.FAIL)
+                self.resampled += 1
+            batch.add(key)
+            out.append((cand, trial))
         return out
 
 
@@ -262,7 +290,7 @@ class GreedyStrategy(Strategy):
 
 def make_strategy(name: str, space: Space, *, study=None, score=None, seed: int = 0, grid: int = 3) -> Strategy:
     if name in ("tpe", "nsga2"):
-        return OptunaStrategy(space, study)
+        return OptunaStrategy(space, study, seed=seed)
     if name == "random":
         return RandomStrategy(space, seed)
     if name == "greedy":

@@ -27,4 +27,5 @@ def digits(tmp_path_factory):
     return zoo.digits_cnn(), path
 
 
-FAST = dict(latency_runs=5, progress=False)
+#: space-only trials (seeding the search with recipes has its own tests)
+FAST = dict(latency_runs=5, progress=False, seed_recipes=False)

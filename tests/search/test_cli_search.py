@@ -21,9 +21,14 @@ def test_cli_search_runs(digits, tmp_path, capsys):
     space.write_text("stages:\n  - {name: c, pick: all, passes: {optimize: {}}}\n"
                      "  - {name: q, pick: one, passes: {quantize.dynamic: {}}}\n")
     code = cli.main(["search", str(model), "--data", str(data), "-o", str(tmp_path / "s"), "--trials", "2",
-                     "--strategy", "exhaustive", "--space", str(space), "--latency-runs", "5"])
+                     "--strategy", "exhaustive", "--space", str(space), "--latency-runs", "5",
+                     "--seed-recipes", "int8"])
     assert code == 0 and (tmp_path / "s" / "best.onnx").is_file()
     assert "budget met" in capsys.readouterr().out
+    report = (tmp_path / "s" / "report.md").read_text()
+    # trial 0 is the seeded recipe, trial 1 the space's one pipeline: both count toward --trials 2
+    assert "Seeded: the first 1 trials are built-in recipes applied alone (int8)" in report
+    assert "| 0 (seeded)" in report and "`optimize,quantize.dynamic`" in report
 
 
 @pytest.mark.parametrize("extra, message", [
@@ -32,6 +37,7 @@ def test_cli_search_runs(digits, tmp_path, capsys):
     (["--objectives", "speed"], "unknown objective"),
     (["--max-drop", "5"], "--max-drop"),
     (["--reference", "int9"], "unknown reference recipe"),
+    (["--seed-recipes", "int9"], "unknown recipe(s) to seed"),
     (["--space", "EMPTY"], "no stages"),
 ])
 def test_bad_input_exits_2_without_output(digits, tmp_path, capsys, extra, message):

@@ -55,3 +55,19 @@ def test_exhaustive_enumerates_a_small_space_once_each():
     assert len(found) == len(set(found)) == 8
     assert "optimize,prune.magnitude(sparsity=0.6),pack.sparse" in found
     assert strategy.propose(5) == []
+
+
+def test_incompatible_after_makes_a_pair_illegal_and_the_sampler_never_proposes_it():
+    from slimgraph.search.order import legal
+
+    # quantize.weight_only declares incompatible_after = ("cluster.kmeans",): int4 blocks cannot
+    # hold the codebooks (tests/passes/quantize/test_weight_only_after_prune.py shows the failure)
+    assert not legal(("cluster.kmeans", "quantize.weight_only"))
+    assert legal(("prune.magnitude", "quantize.weight_only")) and legal(("cluster.kmeans", "quantize.dynamic"))
+    space = parse_space({"stages": [
+        {"name": "c", "pick": "one", "passes": {"cluster.kmeans": {}}},
+        {"name": "q", "pick": "one", "passes": {"quantize.weight_only": {}, "quantize.dynamic": {}}}]})
+    rng = random.Random(0)
+    names = [tuple(i.name for i, _ in space.sample(RandomChooser(rng))) for _ in range(200)]
+    assert ("cluster.kmeans", "quantize.dynamic") in names and ("quantize.weight_only",) in names
+    assert not any("cluster.kmeans" in n and "quantize.weight_only" in n for n in names)

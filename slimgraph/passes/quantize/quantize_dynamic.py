@@ -64,6 +64,7 @@ import onnx_ir as ir
 import pydantic
 
 from slimgraph.errors import PassError
+from slimgraph.passes import contracts
 from slimgraph.passes.base import Pass, PassConfig, PassResult, choice, float_range, int_range, register_pass
 from slimgraph.passes.quantize._weights import (
     MS_DOMAIN,
@@ -178,7 +179,12 @@ class QuantizeDynamic(Pass):
                                        f"opset {model.opset}: run upgrade_opset first")
         stats: dict = {"matmul": 0, "conv": 0, "embedding": 0, "skipped": collections.Counter()}
         smoothed = False
-        if cfg.smooth > 0 and ctx.data:
+        clustered = any(kind == "clusters" for kind, _ in contracts.records(model))
+        if cfg.smooth > 0 and ctx.data and clustered:
+            # smoothing scales each input channel: every codebook value of an output channel
+            # would become a different number, and the clusters contract would break
+            stats["smoothquant"] = "skipped: the weights are clustered (cluster.kmeans contract)"
+        elif cfg.smooth > 0 and ctx.data:
             from slimgraph.passes.quantize.smoothquant import SmoothQuant
 
             result = SmoothQuant({"alpha": cfg.smooth})(model, ctx)

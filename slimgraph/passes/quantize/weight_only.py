@@ -47,6 +47,7 @@ import onnx_ir as ir
 import pydantic
 
 from slimgraph.errors import PassError
+from slimgraph.passes import contracts
 from slimgraph.passes.base import Pass, PassConfig, PassResult, choice, float_range, int_range, register_pass
 from slimgraph.passes.quantize._weights import MS_DOMAIN, Embedding, GraphEditor, Linear, find_gathers, find_linears
 
@@ -122,14 +123,20 @@ def inverse_hessian_factor(hessian: np.ndarray, damp: float = 0.01) -> tuple[np.
 
 
 def gptq(w: np.ndarray, hessian: np.ndarray, *, bits: int, block_size: int, symmetric: bool,
-         damp: float = 0.01) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+         damp: float = 0.01, keep_zeros: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """GPTQ (Frantar et al., 2022) for a layer x @ w, w [K, N], with H = E[x x^T] [K, K]:
     the inputs k are quantized in order; each one's rounding error, weighted by the
     inverse Hessian, is pushed onto the inputs not yet quantized, so that the layer's
     *output* error on the calibration data is what is minimized. Group (block) parameters
     come from the updated weights when the group starts. Returns the `quantize_blocks`
-    triple for blocks [N, K / block_size, block_size]."""
+    triple for blocks [N, K / block_size, block_size].
+
+    `keep_zeros` (after pruning): an exact zero of `w` is coded as its block's zero point
+    (dequantized to exactly 0) whatever the updates pushed onto it, and the update it had
+    absorbed is pushed on like any rounding error (as SparseGPT does with its mask), so the
+    pruned pattern survives."""
     k, n = w.shape
+    pruned = (w.T == 0) if keep_zeros else None
     qmax = (1 << bits) - 1
     W = w.T.astype(np.float64).copy()  # [N, K]
     U, dead = inverse_hessian_factor(hessian, damp)
@@ -148,6 +155,8 @@ def gptq(w: np.ndarray, hessian: np.ndarray, *, bits: int, block_size: int, symm
                 scales[:, g], zeros[:, g] = _group_params(W1[:, i:i + block_size], bits, symmetric)
             g = col // block_size
             q = np.clip(np.round(W1[:, i] / scales[:, g] + zeros[:, g]), 0, qmax)
+            if pruned is not None:
+                q = np.where(pruned[:, col], np.round(zeros[:, g]), q)
             codes[:, col] = q
             err = (W1[:, i] - (q - zeros[:, g]) * scales[:, g]) / U1[i, i]
             W1[:, i:] -= np.outer(err, U1[i, i:])
@@ -209,6 +218,10 @@ class QuantizeWeightOnly(Pass):
     version = 1
     after = ("cleanup", "fuse", "optimize", "fold_*", "fuse_*", "matmul_add_to_gemm", "prune*", "cluster*",
              "infer_shapes", "quantize.smoothquant", "quantize.equalize")
+    #: passes whose contract this one always breaks (read by the search's order DAG, which
+    #: then never proposes the pair): per-block int4 scales cannot hold a k-means codebook
+    #: (pruned zeros are kept: exactly 0 is the zero point, and GPTQ keeps them, see `gptq`)
+    incompatible_after = ("cluster.kmeans",)
 
     class Config(PassConfig):
         bits: int = choice(4, 8, default=4)
@@ -263,6 +276,8 @@ class QuantizeWeightOnly(Pass):
                                        "inputs; use method 'hqq' or 'rtn' without data")
         stats["method"] = method
         hessians = self._hessians(model, ctx, linears) if method == "gptq" else {}
+        # a pruning pass ran: GPTQ must not refill the zeros (the sparsity contract holds them)
+        self._keep_zeros = any(kind == "sparsity" for kind, _ in contracts.records(model))
         errors: list[tuple[float, int]] = []
         cache: dict = {}
         for linear in linears:
@@ -330,7 +345,7 @@ class QuantizeWeightOnly(Pass):
             blocks = np.ascontiguousarray(lin.weight.T).reshape(n, k // bs, bs)
             if method == "gptq":
                 codes, scale, zero = gptq(lin.weight, hessian, bits=bits, block_size=bs, symmetric=cfg.symmetric,
-                                          damp=cfg.damp)
+                                          damp=cfg.damp, keep_zeros=self._keep_zeros)
             else:
                 codes, scale, zero = self._blocks(blocks, method)
             err = float(((dequantize_blocks(codes, scale, zero) - blocks) ** 2).mean())
