@@ -110,8 +110,8 @@ def markdown(result) -> str:
         lines.append(f"Note: {n}\n")
     seeded = [r["seeded"] for r in result.trials if r.get("seeded")]
     if seeded:
-        lines.append(f"Seeded: the first {len(seeded)} trials are built-in recipes applied alone ({', '.join(seeded)}); "
-                     "they count toward the trials.\n")
+        lines.append(f"Seeded: the first {len(seeded)} trials are built-in recipes applied alone "
+                     f"({', '.join(seeded)}); they count toward the trials.\n")
     repeats = [r for r in result.trials if r.get("duplicate_of") is not None]
     if repeats:
         lines.append(f"{len(repeats)} trial(s) repeat an earlier pipeline (the space had nothing new left after "
