@@ -3,11 +3,13 @@
 Between two items of a space (a pass or a recipe, expanded to its passes) there is an edge
 a -> b when running b first breaks a declared constraint and running a first does not
 (`pipeline.order_violations`, the same check the pass manager makes before it runs
-anything), and when a pass declares `incompatible_after` (fnmatch patterns of passes whose
-result it cannot keep, e.g. `quantize.weight_only` after `cluster.kmeans`: the int4 blocks
-cannot hold the codebooks, so the clusters contract always fails), a pair with that pass
-after a matching one is illegal too: the search never proposes a pipeline that always
-fails. A stage that searches the order sorts its chosen items topologically in this
+anything). A pass may also declare pairs known to always fail (a contract the later pass
+cannot keep): `incompatible_after` (fnmatch patterns of passes it may not follow, e.g.
+`quantize.weight_only` after `cluster.kmeans`: int4 blocks cannot hold the codebooks) and
+`incompatible_before` (passes that may not follow it). Either may be a property of the
+pass's config (8-bit weight_only only); `violations` reads the default configs,
+`drop_conflicts` the sampled ones, so the search never proposes such a pipeline. A stage
+that searches the order sorts its chosen items topologically in this
 graph, the sampled permutation only breaking ties, so an illegal order is never built; an
 item that cannot follow the ones chosen before it (in any order) is dropped.
 """
@@ -15,6 +17,7 @@ item that cannot follow the ones chosen before it (in any order) is dropped.
 from __future__ import annotations
 
 import functools
+import json
 
 import networkx as nx
 
@@ -40,15 +43,25 @@ def violations(names: tuple[str, ...]) -> tuple[str, ...]:
 
 
 def incompatibilities(passes: list[Pass]) -> list[str]:
-    """Pairs where a pass runs after one its `incompatible_after` names (a pass it is known
-    to always fail after: it cannot keep the contract the earlier one recorded)."""
+    """Pairs a pass declares as always failing: it after one its `incompatible_after`
+    names, or one its `incompatible_before` names after it."""
     problems = []
     for i, late in enumerate(passes):
-        patterns = getattr(late, "incompatible_after", ())
+        after = tuple(getattr(late, "incompatible_after", ()))
         for early in passes[:i]:
-            if patterns and matches_order(early.name, patterns):
+            if after and matches_order(early.name, after):
                 problems.append(f"{late.name!r} cannot run after {early.name!r} (it declares incompatible_after)")
+            before = tuple(getattr(early, "incompatible_before", ()))
+            if before and matches_order(late.name, before):
+                problems.append(f"{late.name!r} cannot run after {early.name!r} ({early.name!r} declares "
+                                "incompatible_before)")
     return problems
+
+
+@functools.lru_cache(maxsize=4096)
+def _configured(step: str) -> tuple[Pass, ...]:
+    """The passes of one step (canonical JSON of `{name: config}`) with that config."""
+    return tuple(parse([json.loads(step)]).passes())
 
 
 def item_graph(items: list[Item] | tuple[Item, ...]) -> nx.DiGraph:
@@ -81,12 +94,17 @@ def arrange(stage: Stage, picked: list[Item], order: tuple[str, ...] | None) -> 
 
 
 def drop_conflicts(chosen: list[tuple[Item, dict]]) -> list[tuple[Item, dict]]:
-    """Keep each item only if it may follow the items kept before it."""
+    """Keep each item only if it may follow the items kept before it (with their configs)."""
     kept: list[tuple[Item, dict]] = []
     for item, config in chosen:
-        if legal(tuple(i.name for i, _ in kept) + (item.name,)):
+        if legal(tuple(i.name for i, _ in kept) + (item.name,)) and not incompatibilities(
+                [p for i, c in [*kept, (item, config)] for p in _configured(_step_json(i.name, c))]):
             kept.append((item, config))
     return kept
+
+
+def _step_json(name: str, config: dict) -> str:
+    return json.dumps({name: config} if config else name, sort_keys=True, default=str)
 
 
 def check_space(space: Space) -> None:

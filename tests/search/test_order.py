@@ -57,17 +57,29 @@ def test_exhaustive_enumerates_a_small_space_once_each():
     assert strategy.propose(5) == []
 
 
-def test_incompatible_after_makes_a_pair_illegal_and_the_sampler_never_proposes_it():
-    from slimgraph.search.order import legal
+def test_incompatible_declarations_make_pairs_illegal_and_the_sampler_never_proposes_them():
+    from slimgraph.search.order import drop_conflicts, legal
 
-    # quantize.weight_only declares incompatible_after = ("cluster.kmeans",): int4 blocks cannot
-    # hold the codebooks (tests/passes/quantize/test_weight_only_after_prune.py shows the failure)
+    # quantize.weight_only: incompatible_after cluster.kmeans (int4 blocks cannot hold the
+    # codebooks), and prune.* only at 8 bits (the sparsity check reads 4-bit codes only);
+    # quantize.dynamic: incompatible_before pack.clusters (after k-means it always fails)
     assert not legal(("cluster.kmeans", "quantize.weight_only"))
     assert legal(("prune.magnitude", "quantize.weight_only")) and legal(("cluster.kmeans", "quantize.dynamic"))
+    assert not legal(("cluster.kmeans", "quantize.dynamic", "pack.clusters"))
+    assert legal(("cluster.kmeans", "quantize.static", "pack.clusters"))
     space = parse_space({"stages": [
-        {"name": "c", "pick": "one", "passes": {"cluster.kmeans": {}}},
-        {"name": "q", "pick": "one", "passes": {"quantize.weight_only": {}, "quantize.dynamic": {}}}]})
+        {"name": "c", "pick": "one", "passes": {"cluster.kmeans": {}, "prune.magnitude": {}}},
+        {"name": "q", "pick": "one", "passes": {"quantize.weight_only": {"bits": [4, 8]}, "quantize.dynamic": {}}},
+        {"name": "p", "pick": "any", "passes": {"pack.clusters": {}}}]})
     rng = random.Random(0)
-    names = [tuple(i.name for i, _ in space.sample(RandomChooser(rng))) for _ in range(200)]
-    assert ("cluster.kmeans", "quantize.dynamic") in names and ("quantize.weight_only",) in names
+    picks = [tuple((i.name, c.get("bits")) for i, c in space.sample(RandomChooser(rng))) for _ in range(400)]
+    names = [tuple(n for n, _ in p) for p in picks]
+    assert ("cluster.kmeans", "quantize.dynamic") in names and ("prune.magnitude", "quantize.weight_only") in names
     assert not any("cluster.kmeans" in n and "quantize.weight_only" in n for n in names)
+    assert not any("quantize.dynamic" in n and "pack.clusters" in n for n in names)
+    assert not any(("prune.magnitude", None) in p and ("quantize.weight_only", 8) in p for p in picks)
+    assert any(("prune.magnitude", None) in p and ("quantize.weight_only", 4) in p for p in picks)
+    # drop_conflicts reads the sampled config: 8-bit weight_only after pruning is dropped
+    items = {i.name: i for st in space.stages for i in st.items}
+    kept = drop_conflicts([(items["prune.magnitude"], {}), (items["quantize.weight_only"], {"bits": 8})])
+    assert [i.name for i, _ in kept] == ["prune.magnitude"]

@@ -127,6 +127,10 @@ class QuantizeDynamic(Pass):
     after = ("cleanup", "fuse", "optimize", "fold_*", "fuse_*", "matmul_add_to_gemm", "prune*", "cluster*",
              "infer_shapes")
     before = ("quantize.weight_only", "quantize.fp8")
+    #: read by the search's order DAG: after cluster.kmeans -> quantize.dynamic, pack.clusters
+    #: always breaks the clusters contract (the check no longer finds the classifier's
+    #: weight), and without k-means it packs nothing after this pass
+    incompatible_before = ("pack.clusters",)
 
     class Config(PassConfig):
         #: which ops to quantize (Gather tables: see `embeddings`)

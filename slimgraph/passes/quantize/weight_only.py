@@ -218,10 +218,6 @@ class QuantizeWeightOnly(Pass):
     version = 1
     after = ("cleanup", "fuse", "optimize", "fold_*", "fuse_*", "matmul_add_to_gemm", "prune*", "cluster*",
              "infer_shapes", "quantize.smoothquant", "quantize.equalize")
-    #: passes whose contract this one always breaks (read by the search's order DAG, which
-    #: then never proposes the pair): per-block int4 scales cannot hold a k-means codebook
-    #: (pruned zeros are kept: exactly 0 is the zero point, and GPTQ keeps them, see `gptq`)
-    incompatible_after = ("cluster.kmeans",)
 
     class Config(PassConfig):
         bits: int = choice(4, 8, default=4)
@@ -251,6 +247,15 @@ class QuantizeWeightOnly(Pass):
             if unknown:
                 raise ValueError(f"unknown op types {unknown}; quantize.weight_only handles {list(OP_TYPES)}")
             return tuple(v)
+
+    @property
+    def incompatible_after(self) -> tuple[str, ...]:
+        """Passes whose contract this one always breaks (the search's order DAG never proposes
+        the pair): per-block scales cannot hold a k-means codebook; pruned zeros are kept
+        (exactly 0 is the zero point, GPTQ keeps them, see `gptq`), but the sparsity check
+        reads back 4-bit MatMulNBits codes only, so 8 bits after pruning always fails it."""
+        pruning = ("prune.magnitude", "prune.n_m") if self.config.bits == 8 else ()
+        return ("cluster.kmeans", *pruning)
 
     def run(self, model, ctx) -> PassResult:
         cfg = self.config

@@ -10,6 +10,7 @@ import pytest
 import slimgraph
 from slimgraph import zoo
 from slimgraph.backends import ort
+from slimgraph.errors import PassError
 from slimgraph.search.order import legal
 
 
@@ -28,6 +29,14 @@ def test_dynamic_int8_after_kmeans_keeps_the_clusters_contract(granularity, per_
     b = ort.run(result.model, x)["logits"]
     assert np.mean(a.argmax(-1) == b.argmax(-1)) >= 0.95
     assert legal(("cluster.kmeans", "quantize.dynamic"))
+
+
+def test_pack_clusters_after_kmeans_and_dynamic_fails_and_is_declared_incompatible():
+    d = zoo.digits_data()
+    with pytest.raises(PassError, match="clusters contract"):
+        slimgraph.run(str(zoo.digits_cnn()), ["optimize", {"cluster.kmeans": {"k": 16}}, "quantize.dynamic",
+                                              "pack.clusters"], data={"input": d.x_train[:64]})
+    assert not legal(("cluster.kmeans", "quantize.dynamic", "pack.clusters"))
 
 
 def test_dynamic_int8_still_smooths_unclustered_weights():
