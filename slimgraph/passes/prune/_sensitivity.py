@@ -154,7 +154,7 @@ def calibration_feeds(model: Model, data: Mapping[str, np.ndarray] | None, sampl
                       rng: np.random.Generator) -> list[dict[str, np.ndarray]]:
     """`samples` single-sample feeds: rows of `data` when given, else standard-normal
     inputs (integer inputs need data: DataError). Dynamic dims are 1."""
-    inputs = [v for v in model.graph.inputs if not v.name or v.const_value is None]
+    inputs = [v for v in model.graph.inputs if v.const_value is None]  # not initializer-backed
     if data:
         n = min(samples, min(len(a) for a in data.values()))
         return [{k: np.asarray(a[i:i + 1]) for k, a in data.items()} for i in range(n)]

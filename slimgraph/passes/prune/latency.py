@@ -37,6 +37,9 @@ layer with the same MACs. So the counts are chosen by measured time:
    sum of scores (a channel of a 56x56 layer costs 64x the time of a 7x7 one for the same
    importance) or an unweighted mean over groups, the greedy squeezed ResNet-18's
    residual streams to 8 channels while keeping the convs inside the blocks whole.
+   With `losses` (the pass's default, `objective: sensitivity`) a step's loss is instead
+   the rise of the group's measured output error (`_sensitivity`): the log share of L1
+   importance undervalues the late, weight-heavy layers of MobileNetV2, which it cut.
    Never below the
    group's floor (`min_keep`, `min_channels`, one `multiple`), until the prediction is
    down by `target` of its reducible part: goal = floor + (1 - target) * (dense - floor),
@@ -45,7 +48,11 @@ layer with the same MACs. So the counts are chosen by measured time:
    group to its floor). The target: `config.target_latency` when the config has it; else
    `target_macs` when set explicitly; else the MAC cut that uniform pruning at `ratio`
    would give (so `ratio=0.3, mode=latency` aims at the speed-up that the MACs a uniform
-   30% cut removes would promise).
+   30% cut removes would promise). `config.target_speedup`, when set, replaces all of
+   these: goal = dense / target_speedup (an absolute goal; out of reach below the floor,
+   with a warning). Budgets met as well: an explicit `target_macs` (with `target_speedup`)
+   and `target_params`; while several goals are unmet, a step's gain is the sum over them
+   of the share of each remaining gap it closes.
 """
 
 from __future__ import annotations

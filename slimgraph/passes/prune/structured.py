@@ -220,8 +220,15 @@ class PruneStructured(Pass):
         except DataError as e:
             logger.warning("prune.structured: no sensitivity (%s); the latency mode trades importance instead", e)
             return None
+        from slimgraph.backends import ort
+
         floors = {g.id: _sensitivity.floor_count(g.size, cfg) for g in groups}
-        return _sensitivity.sensitivity(model, groups, scores, floors, cfg.multiple, feeds)
+        try:
+            return _sensitivity.sensitivity(model, groups, scores, floors, cfg.multiple, feeds)
+        except ort.ORT_ERRORS as e:
+            logger.warning("prune.structured: no sensitivity (ORT could not run the model: %s); the latency "
+                           "mode trades importance instead", str(e)[:200])
+            return None
 
     def _step(self, unit: int) -> int:
         return max(1, self.config.multiple // math.gcd(self.config.multiple, unit))
