@@ -31,7 +31,7 @@ from onnx import numpy_helper
 
 from slimgraph.errors import DataError
 from slimgraph.ir.model import Model
-from slimgraph.passes.prune.channels import ChannelAnalysis, Group
+from slimgraph.passes.prune.channels import Group
 
 logger = logging.getLogger("slimgraph.passes.prune")
 

@@ -538,10 +538,10 @@ def _greedy(model, analysis, scores, config, table, info: dict, losses=None) -> 
         goal = floor + (1.0 - target) * max(dense - floor, 0.0)
     # further budgets (MACs with target_speedup, parameters), each met as well: a step's
     # value sums the share of each unmet budget's remaining gap it closes
-    budgets = _budgets(model, analysis, layers, config, speedup is not None)
+    budgets = _budgets(model, analysis, config, speedup is not None)
     spent = {name: {layer.name: f(layer, counts) for layer in layers} for name, (f, _) in budgets.items()}
     # the parts of each budget no group touches (layers outside `layers`)
-    budgets_total = {name: _budget_rest(model, analysis, layers, name) for name in budgets}
+    budgets_total = {name: _budget_rest(model, layers, name) for name in budgets}
     total = dense
 
     def gaps() -> dict[str, float]:
@@ -614,7 +614,7 @@ def _losses(analysis: ChannelAnalysis, group_ids, scores, losses, floors) -> dic
     return out
 
 
-def _budgets(model: Model, analysis: ChannelAnalysis, layers: list[_Layer], config, with_macs: bool) -> dict:
+def _budgets(model: Model, analysis: ChannelAnalysis, config, with_macs: bool) -> dict:
     """{name: (cost of a layer at given counts, cap on the model total)}: MACs (only with
     `target_speedup` and an explicit `target_macs`) and weight parameters (`target_params`)."""
     out = {}
@@ -630,7 +630,7 @@ def _budgets(model: Model, analysis: ChannelAnalysis, layers: list[_Layer], conf
     return out
 
 
-def _budget_rest(model: Model, analysis: ChannelAnalysis, layers: list[_Layer], name: str) -> float:
+def _budget_rest(model: Model, layers: list[_Layer], name: str) -> float:
     """The part of budget `name` outside `layers` (fixed: no group changes it)."""
     inside = {layer.name for layer in layers}
     costs = dict(model.analysis("macs")) if name == "macs" else _weight_params(model)
