@@ -123,7 +123,7 @@ class QuantizeDynamic(Pass):
 
     name = "quantize.dynamic"
     exact = False
-    version = 1
+    version = 2  # 2: no SmoothQuant on clustered weights (keeps the k-means codebooks)
     after = ("cleanup", "fuse", "optimize", "fold_*", "fuse_*", "matmul_add_to_gemm", "prune*", "cluster*",
              "infer_shapes")
     before = ("quantize.weight_only", "quantize.fp8")

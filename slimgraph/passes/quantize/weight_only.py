@@ -215,7 +215,7 @@ class QuantizeWeightOnly(Pass):
 
     name = "quantize.weight_only"
     exact = False
-    version = 1
+    version = 2  # 2: GPTQ keeps pruned zeros when a sparsity contract exists
     after = ("cleanup", "fuse", "optimize", "fold_*", "fuse_*", "matmul_add_to_gemm", "prune*", "cluster*",
              "infer_shapes", "quantize.smoothquant", "quantize.equalize")
 
