@@ -444,11 +444,7 @@ def _path_variant(name, tool, r, float_path, folder, fid, dense, feeds, size, ta
         counts.update(dict(info["steps"][:n]))
         return counts
 
-    lo, hi = 0, len(info["steps"])  # the longest prefix of the greedy's path keeping `fid` (bisected)
-    while lo < hi:
-        mid = (lo + hi + 1) // 2
-        lo, hi = (mid, hi) if runner.cosine(_removed(groups, scores, prefix(mid))) >= fid else (lo, mid - 1)
-    counts = prefix(lo)
+    counts = prefix(_longest(len(info["steps"]), lambda n: runner.cosine(_removed(groups, scores, prefix(n))) >= fid))
     keep = {g.id: np.sort(np.argsort(-scores[g.id], kind="stable")[:counts[g.id]])
             for g in groups if counts[g.id] < g.size}
     analysis.apply(model, keep)
@@ -458,6 +454,19 @@ def _path_variant(name, tool, r, float_path, folder, fid, dense, feeds, size, ta
     v.importance = importance_kept(groups, scores, counts)
     measure(v, dense, feeds)
     return v
+
+
+def _longest(n: int, ok: Callable[[int], bool], grid: int = 32) -> int:
+    """The largest k in [0, n] with ok(k), fidelity along a greedy path not being monotone:
+    the last of `grid` evenly spaced points that is ok, then every step up to the next point."""
+    points = sorted({int(round(x)) for x in np.linspace(0, n, min(n, grid) + 1)})
+    good = [k for k in points if k == 0 or ok(k)]
+    best = good[-1]
+    following = [k for k in points if k > best]
+    for k in range(best + 1, following[0] if following else n + 1):
+        if ok(k):
+            best = k
+    return best
 
 
 def macs_target_for_fidelity(float_path: Path, fid: float, size) -> tuple[float, str]:
@@ -475,13 +484,16 @@ def macs_target_for_fidelity(float_path: Path, fid: float, size) -> tuple[float,
         p.config = PruneStructured.Config(mode="macs", target_macs=target)
         return runner.cosine(_removed(groups, scores, p._counts(model, analysis, groups, scores, macs)))
 
-    lo, hi = 0.0, 0.95  # fidelity falls as the target rises
-    if cos(hi) >= fid:
-        return hi, "fidelity never falls to the latency mode's: the deepest cut tried"
-    for _ in range(14):
+    grid = np.linspace(0.0, 0.95, 20)  # fidelity falls as the target rises, not strictly
+    good = [t for t in grid if t == 0 or cos(t) >= fid]
+    lo = good[-1]
+    if lo == grid[-1]:
+        return lo, "fidelity never falls to the latency mode's: the deepest cut tried"
+    hi = lo + grid[1]
+    for _ in range(10):  # bisected between the last grid point that keeps it and the next
         mid = (lo + hi) / 2
         lo, hi = (mid, hi) if cos(mid) >= fid else (lo, mid)
-    return lo, "bisected: the deepest cut whose fidelity is >= the latency mode's"
+    return lo, "the deepest cut whose fidelity is >= the latency mode's"
 
 
 def slim_variant(name, tool, r, float_path, folder, options, dense, feeds, pipeline=RECIPE) -> Variant:

@@ -49,8 +49,10 @@ layer with the same MACs. So the counts are chosen by measured time:
    `target_macs` when set explicitly; else the MAC cut that uniform pruning at `ratio`
    would give (so `ratio=0.3, mode=latency` aims at the speed-up that the MACs a uniform
    30% cut removes would promise). `config.target_speedup`, when set, replaces all of
-   these: goal = dense / target_speedup (an absolute goal; out of reach below the floor,
-   with a warning). Budgets met as well: an explicit `target_macs` (with `target_speedup`)
+   these: (goal + other) = (dense + other) / target_speedup, where `other` is the dense
+   model's end-to-end time (measured by the calibration) less its predicted weight-layer
+   time: other ops and the per-run cost, counted as not shrinking (out of reach below the
+   floor, with a warning). Budgets met as well: an explicit `target_macs` (with `target_speedup`)
    and `target_params`; while several goals are unmet, a step's gain is the sum over them
    of the share of each remaining gap it closes.
 """
@@ -332,6 +334,9 @@ class Calibration:
     factors: Mapping[str, float] = dataclasses.field(default_factory=dict)
     overhead: float = 0.0
     default: float = 1.0
+    #: end-to-end time of the dense model (fastest of runs; 0: not measured): what the
+    #: weight layers' predicted time leaves out (other ops, the per-run cost) is its rest
+    total_ms: float = 0.0
 
     def cost(self, name: str, ms: float) -> float:
         # never below a tenth of the table time: a layer of a few channels still costs something
@@ -378,7 +383,28 @@ def calibrate(model: Model, analysis: ChannelAnalysis, group_ids, table: Latency
     logger.info("latency calibration: %d of %d layers matched; in-model / alone from %.2f to %.2f (median %.2f), "
                 "isolated-run overhead %.3f ms", len(factors), len(layers), min(factors.values()),
                 max(factors.values()), default, overhead)
-    return Calibration(factors, overhead, default)
+    return Calibration(factors, overhead, default, _end_to_end_ms(model, table.threads))
+
+
+def _end_to_end_ms(model: Model, threads: int, runs: int = 20) -> float:
+    """The dense model's time per run (fastest of `runs`, random inputs); 0 when it cannot
+    be run that way."""
+    from slimgraph.backends import ort
+
+    try:
+        sess = ort.session(model, threads=threads, spinning=False)
+        feed = ort.generate_feeds(sess)
+        for _ in range(3):
+            sess.run(None, feed)
+        times = []
+        for _ in range(runs):
+            start = time.perf_counter()
+            sess.run(None, feed)
+            times.append(time.perf_counter() - start)
+    except Exception as e:  # noqa: BLE001 - only refines the speed-up goal
+        logger.info("latency calibration: no end-to-end time (%s: %s)", type(e).__name__, e)
+        return 0.0
+    return float(min(times) * 1e3)
 
 
 # --- choosing counts --------------------------------------------------------------------------------
@@ -528,11 +554,15 @@ def _greedy(model, analysis, scores, config, table, info: dict, losses=None) -> 
     # what no pruning can remove: every group at its floor (small layers are mostly overhead)
     floor = sum(cost(layer, floors) for layer in layers)
     speedup = getattr(config, "target_speedup", None)
+    # the model's time outside the weight layers (calibrated runs only): not pruned away, so
+    # a speed-up of the whole model needs a deeper cut of the layers than the same ratio
+    other = max(cal.total_ms - dense, 0.0) if cal is not None else 0.0
     if speedup is not None:
-        goal = dense / float(speedup)
+        goal = (dense + other) / float(speedup) - other
         if goal < floor:
             logger.warning("prune.structured (latency): target_speedup %.2f is out of reach: with every group "
-                           "at its floor the predicted speed-up is %.2fx; pruning to the floor", speedup, dense / floor)
+                           "at its floor the predicted speed-up is %.2fx; pruning to the floor", speedup,
+                           (dense + other) / (floor + other))
     else:
         target = latency_target(model, analysis, group_ids, config)
         goal = floor + (1.0 - target) * max(dense - floor, 0.0)
@@ -586,7 +616,7 @@ def _greedy(model, analysis, scores, config, table, info: dict, losses=None) -> 
             spent[name].update({layer.name: f(layer, counts) for layer in by_group[best]})
         total = sum(current.values())
     info.update(predicted_ms=total, dense_ms=dense, floor_ms=floor, goal_ms=goal, steps=steps,
-                predicted_speedup=dense / total if total > 0 else float("inf"),
+                other_ms=other, predicted_speedup=(dense + other) / (total + other) if total + other > 0 else float("inf"),
                 objective="sensitivity" if losses else "importance",
                 predicted_error=float(sum(lost_at[g][counts[g]] for g in group_ids)) if losses else None,
                 calibration=None if cal is None else {"factors": dict(cal.factors), "overhead": cal.overhead,

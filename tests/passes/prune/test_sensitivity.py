@@ -125,6 +125,29 @@ def test_target_speedup_is_honoured_by_the_predictor(chain, tmp_path):  # noqa: 
                    for g in counts if counts[g] < whole[g])
 
 
+def test_target_speedup_counts_the_time_outside_the_weight_layers(chain, tmp_path, monkeypatch):  # noqa: F811
+    """With a calibration measuring the whole model at `other` ms more than its weight
+    layers, the goal is for the whole model: (predicted + other) <= (dense + other) / s."""
+    model, analysis = chain
+    table = FormulaTable(tmp_path / "t.json")
+    scores = {g.id: np.ones(g.size) for g in analysis.safe_groups() if g.size > 1}
+    dense = latency.predicted_latency(model, analysis, {g: analysis.groups[g].size for g in scores}, table)
+    other = 0.2 * dense
+    monkeypatch.setattr(latency, "calibrate", lambda *a, **k: latency.Calibration(total_ms=dense + other))
+
+    @dataclasses.dataclass(frozen=True)
+    class Calibrated(SpeedCfg):
+        calibrate: bool = True
+
+    info: dict = {}
+    counts = choose_keep(model, analysis, scores, Calibrated(target_speedup=1.5, min_keep=0.0), table=table,
+                         info=info)
+    predicted = latency.predicted_latency(model, analysis, counts, table)
+    assert info["other_ms"] == pytest.approx(other)
+    assert predicted + other <= (dense + other) / 1.5 and predicted < dense / 1.5  # deeper than the layers alone
+    assert info["predicted_speedup"] == pytest.approx((dense + other) / (predicted + other))
+
+
 def test_target_params_is_a_budget_of_the_latency_mode(chain, tmp_path):  # noqa: F811
     """With target_params the greedy goes on past the time goal until the weight layers'
     parameters are down by it too."""
