@@ -369,6 +369,14 @@ def md_compare(title: str, s: dict, what: str) -> str:
              f"latency counts as equal within {s['tol']:.0%}, accuracy within {ACC_TOL * s['max_drop']:g}.\n"]
     for n in s["notes"]:
         lines.append(f"Note: {n}\n")
+    trials = s["trials"]
+    build, evals = sum(t["build_seconds"] for t in trials), sum(t["eval_seconds"] for t in trials)
+    slow = [f"{t['build_seconds']:.0f} s (trial {t['number']})" for t in trials if t["build_seconds"] > 60]
+    lines.append(f"Where the time went: building {build:.0f} s ({sum(t['steps_built'] for t in trials)} steps run, "
+                 f"{sum(t['cache_hits'] for t in trials)} taken from the prefix cache"
+                 + (f"; builds over 60 s: {', '.join(slow)}" if slow else "")
+                 + f"), accuracy {evals:.0f} s; the rest is latency timing (one candidate at a time) and the "
+                 "search itself.\n")
     if s.get("seeded"):
         lines.append(f"Seeded (a warm start, `seed_recipes`, on by default): trials 0-{len(s['seeded']) - 1} are the "
                      f"recipes {', '.join(s['seeded'])} applied alone (each measured once: its reference row is the "
