@@ -511,8 +511,8 @@ def render() -> str:
         s = found["strategies"]
         text.append("## Strategies at equal trial counts (digits CNN, default space)\n")
         text.append(f"{s['trials']} trials each (no seeded recipes); hypervolume of the feasible points in "
-                    "(drop / 0.01, latency ratio, size ratio) against (1, 1, 1); latency is noisy on this shared machine, so small differences "
-                    "are within noise. ![strategies](search_strategies.png)\n")
+                    "(drop / 0.01, latency ratio, size ratio) against (1, 1, 1); latency is noisy on this shared "
+                    "machine, so small differences are within noise. ![strategies](search_strategies.png)\n")
         text.append(markdown_table(["strategy", "hypervolume", "feasible", "failed", "front", "time (s)", "best"], [
             [k, f"{v['hypervolume']:.4f}", v["feasible"], v["failed"], v["front"], f"{v['seconds']:.0f}",
              f"`{v['best']}`"] for k, v in s["strategies"].items()]) + "\n")
