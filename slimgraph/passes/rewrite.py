@@ -226,6 +226,8 @@ class _Run:
         self.stats = RewriteStats()
         self.skips: dict[tuple[str, ir.Node], str] = {}
         self.names: set[str] | None = None  # every value name, gathered on first need
+        self.node_names: set[str] | None = None
+        self.root: ir.Node | None = None  # the match being rewritten (set by its condition)
 
     def fresh_name(self, base: str) -> str:
         if self.names is None:
@@ -238,6 +240,25 @@ class _Run:
         self.names.add(name)
         return name
 
+    def name_nodes(self, nodes: Sequence[ir.Node], rule: str) -> None:
+        """Name new nodes and their outputs after the node they replace, not by onnx-ir's
+        per-process counters (`node_Conv_20`): then the same pipeline gives the same bytes
+        whether its prefix was just computed or loaded from the search cache."""
+        if self.node_names is None:
+            self.node_names = {n.name for g in _graphs(self.model.graph) for n in g if n.name}
+        base = (self.root.name if self.root is not None and self.root.name else "") or rule
+        for i, node in enumerate(nodes):
+            if not node.name:
+                last = i == len(nodes) - 1
+                name, k = (base, 1) if last else (f"{base}_{i}", 1)
+                while name in self.node_names and not (last and name == base):
+                    name, k = f"{base}_{i}_{k}", k + 1
+                node.name = name
+                self.node_names.add(name)
+            for j, value in enumerate(node.outputs):
+                if not value.name:
+                    value.name = self.fresh_name(f"{node.name}_out{j}" if j else f"{node.name}_out")
+
     def compile(self, rule: Rule) -> list[pattern.RewriteRule]:
         def condition(context: MatchContext, **bindings: Any) -> pattern.MatchResult:
             if not isinstance(context.graph_or_function, ir.Graph):
@@ -247,6 +268,7 @@ class _Run:
             if reason is None:
                 reason = _removability(context)
             if reason is None:
+                self.root = context.root
                 return pattern.MatchResult()
             where = context.root.name or context.root.op_type
             if isinstance(reason, NoMatch):
@@ -262,6 +284,7 @@ class _Run:
                 return None
             for node in op.nodes:
                 Model.annotate(node, "rule", rule.name)
+            self.name_nodes(op.nodes, rule.name)
             self.stats.applied[rule.name] += 1
             if self.stats.total > self.limit:
                 raise PassError(self.owner, f"rule {rule.name!r} fired {self.stats.total} times, more than "

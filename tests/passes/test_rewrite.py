@@ -98,3 +98,18 @@ def test_a_rule_that_matches_its_own_output_is_stopped():
     endless = Rule("endless", lambda op, x: op.Sigmoid(x), lambda op, x: op.Sigmoid(op.Identity(x)))
     with pytest.raises(PassError, match="matches its own output"):
         apply_rules(model, [endless], owner="test_pass")
+
+
+def test_rewritten_nodes_are_named_after_what_they_replace_not_a_process_counter(tmp_path):
+    # The same pipeline must give the same bytes whether its prefix was computed in this
+    # process or saved and loaded again (the search cache does that): onnx-ir's counters
+    # restart at each load, so names taken from them would differ (node_Conv_20 vs _0).
+    import slimgraph
+    from slimgraph import zoo
+
+    model = zoo.digits_cnn()
+    direct = slimgraph.run(model, "cleanup,upgrade_opset(target=21),fuse").model.to_bytes()
+    prefix = tmp_path / "prefix.onnx"
+    prefix.write_bytes(slimgraph.run(model, "cleanup").model.to_bytes())
+    resumed = slimgraph.run(str(prefix), "upgrade_opset(target=21),fuse").model.to_bytes()
+    assert direct == resumed
