@@ -50,9 +50,9 @@ layer with the same MACs. So the counts are chosen by measured time:
    would give (so `ratio=0.3, mode=latency` aims at the speed-up that the MACs a uniform
    30% cut removes would promise). `config.target_speedup`, when set, replaces all of
    these: (goal + other) = (dense + other) / target_speedup, where `other` is the dense
-   model's end-to-end time (measured by the calibration) less its predicted weight-layer
-   time: other ops and the per-run cost, counted as not shrinking (out of reach below the
-   floor, with a warning). Budgets met as well: an explicit `target_macs` (with `target_speedup`)
+   model's kernel time outside the weight layers in the calibration's profile (pooling,
+   unfused elementwise ops), counted as not shrinking (out of reach below the floor, with
+   a warning). Budgets met as well: an explicit `target_macs` (with `target_speedup`)
    and `target_params`; while several goals are unmet, a step's gain is the sum over them
    of the share of each remaining gap it closes.
 """
@@ -334,9 +334,9 @@ class Calibration:
     factors: Mapping[str, float] = dataclasses.field(default_factory=dict)
     overhead: float = 0.0
     default: float = 1.0
-    #: end-to-end time of the dense model (fastest of runs; 0: not measured): what the
-    #: weight layers' predicted time leaves out (other ops, the per-run cost) is its rest
-    total_ms: float = 0.0
+    #: the dense model's kernel time outside its weight layers (ORT's profile, the same
+    #: rounds as the factors; 0: not measured): what the predicted time leaves out
+    other_ms: float = 0.0
 
     def cost(self, name: str, ms: float) -> float:
         # never below a tenth of the table time: a layer of a few channels still costs something
@@ -357,15 +357,21 @@ def calibrate(model: Model, analysis: ChannelAnalysis, group_ids, table: Latency
     for layer in layers:
         by_key.setdefault((layer.shape.x, layer.shape.w), []).append(layer)
     inside = {key: np.inf for key in by_key}
+    rest = np.inf  # the kernels of everything but the weight layers (fastest round)
     try:
         for _ in range(rounds):
             report = ort.runtime_report(model, profile_runs=runs, threads=table.threads)
             sums: dict[tuple, float] = {}
+            other = 0.0
             for n in report.nodes:
-                if len(n.input_shapes) > 1 and n.input_shapes[0] and n.input_shapes[1] and n.time_us:
-                    key = (tuple(n.input_shapes[0]), tuple(n.input_shapes[1]))
-                    sums[key] = sums.get(key, 0.0) + n.time_us / 1e3
+                key = (tuple(n.input_shapes[0]), tuple(n.input_shapes[1])) if (
+                    len(n.input_shapes) > 1 and n.input_shapes[0] and n.input_shapes[1]) else None
+                if key in by_key:
+                    sums[key] = sums.get(key, 0.0) + (n.time_us or 0.0) / 1e3
+                else:
+                    other += (n.time_us or 0.0) / 1e3
             inside = {k: min(v, sums.get(k, np.inf)) for k, v in inside.items()}
+            rest = min(rest, other)
     except Exception as e:  # noqa: BLE001 - calibration refines the table; the table alone still works
         logger.warning("latency calibration failed (%s: %s); using the table alone", type(e).__name__, e)
         return Calibration()
@@ -383,28 +389,7 @@ def calibrate(model: Model, analysis: ChannelAnalysis, group_ids, table: Latency
     logger.info("latency calibration: %d of %d layers matched; in-model / alone from %.2f to %.2f (median %.2f), "
                 "isolated-run overhead %.3f ms", len(factors), len(layers), min(factors.values()),
                 max(factors.values()), default, overhead)
-    return Calibration(factors, overhead, default, _end_to_end_ms(model, table.threads))
-
-
-def _end_to_end_ms(model: Model, threads: int, runs: int = 20) -> float:
-    """The dense model's time per run (fastest of `runs`, random inputs); 0 when it cannot
-    be run that way."""
-    from slimgraph.backends import ort
-
-    try:
-        sess = ort.session(model, threads=threads, spinning=False)
-        feed = ort.generate_feeds(sess)
-        for _ in range(3):
-            sess.run(None, feed)
-        times = []
-        for _ in range(runs):
-            start = time.perf_counter()
-            sess.run(None, feed)
-            times.append(time.perf_counter() - start)
-    except Exception as e:  # noqa: BLE001 - only refines the speed-up goal
-        logger.info("latency calibration: no end-to-end time (%s: %s)", type(e).__name__, e)
-        return 0.0
-    return float(min(times) * 1e3)
+    return Calibration(factors, overhead, default, float(rest) if np.isfinite(rest) else 0.0)
 
 
 # --- choosing counts --------------------------------------------------------------------------------
@@ -556,7 +541,7 @@ def _greedy(model, analysis, scores, config, table, info: dict, losses=None) -> 
     speedup = getattr(config, "target_speedup", None)
     # the model's time outside the weight layers (calibrated runs only): not pruned away, so
     # a speed-up of the whole model needs a deeper cut of the layers than the same ratio
-    other = max(cal.total_ms - dense, 0.0) if cal is not None else 0.0
+    other = cal.other_ms if cal is not None else 0.0
     if speedup is not None:
         goal = (dense + other) / float(speedup) - other
         if goal < floor:
