@@ -317,6 +317,7 @@ def prune_all(name, module, float_path, dense, feeds, r, size, ignored, folder, 
     if lat.valid == "yes":
         lat.fidelity = fidelity_of(lat.path, dense, size)
         eq, how = macs_target_for_fidelity(float_path, lat.fidelity, size)
+        eq = np.floor(eq * 1e4) / 1e4  # written with 4 decimals: rounding up would cut deeper than bisected
         v = slim_variant(name, MACS_EQ, r, float_path, folder, f"ratio={r}, mode=macs, target_macs={eq:.4f}",
                          dense, feeds)
         v.note += f" ({how})"
