@@ -228,6 +228,7 @@ class _Run:
         self.names: set[str] | None = None  # every value name, gathered on first need
         self.node_names: set[str] | None = None
         self.root: ir.Node | None = None  # the match being rewritten (set by its condition)
+        self.matched: list[ir.Node] = []
 
     def fresh_name(self, base: str) -> str:
         if self.names is None:
@@ -241,18 +242,27 @@ class _Run:
         return name
 
     def name_nodes(self, nodes: Sequence[ir.Node], rule: str) -> None:
-        """Name new nodes and their outputs after the node they replace, not by onnx-ir's
-        per-process counters (`node_Conv_20`): then the same pipeline gives the same bytes
-        whether its prefix was just computed or loaded from the search cache."""
+        """Name new nodes and their outputs after the matched nodes they replace (a new node
+        takes the name of a matched node of its op type: the Conv that absorbed a BatchNorm
+        stays `conv1`; else the match root's name), not by onnx-ir's per-process counters
+        (`node_Conv_20`): the same pipeline then gives the same bytes whether its prefix was
+        just computed or loaded from the search cache."""
         if self.node_names is None:
             self.node_names = {n.name for g in _graphs(self.model.graph) for n in g if n.name}
+        matched = [n for n in self.matched if n.name]  # removed by this rewrite: names free
         base = (self.root.name if self.root is not None and self.root.name else "") or rule
         for i, node in enumerate(nodes):
             if not node.name:
-                last = i == len(nodes) - 1
-                name, k = (base, 1) if last else (f"{base}_{i}", 1)
-                while name in self.node_names and not (last and name == base):
-                    name, k = f"{base}_{i}_{k}", k + 1
+                same = next((n for n in matched if n.op_type == node.op_type), None)
+                if same is not None:
+                    matched.remove(same)
+                    name = same.name
+                elif i == len(nodes) - 1 and all(n.name != base for n in nodes):
+                    name = base
+                else:
+                    name, k = f"{base}_{i}", 1
+                    while name in self.node_names:
+                        name, k = f"{base}_{i}_{k}", k + 1
                 node.name = name
                 self.node_names.add(name)
             for j, value in enumerate(node.outputs):
@@ -268,7 +278,7 @@ class _Run:
             if reason is None:
                 reason = _removability(context)
             if reason is None:
-                self.root = context.root
+                self.root, self.matched = context.root, list(context.nodes)
                 return pattern.MatchResult()
             where = context.root.name or context.root.op_type
             if isinstance(reason, NoMatch):
