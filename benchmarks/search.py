@@ -455,8 +455,10 @@ def render() -> str:
                     "runs cleanup, upgrade_opset, fuse; the search's pipeline runs optimize. The files differ "
                     "only in one generated name, the fused stem Conv: `node_Conv_0` in one, `node_Conv_20` in the "
                     "other (one more byte in the node name, its bias initializer, its value_info, the quantizer's "
-                    "source metadata and the reference to it: 5 bytes). Same weights, same graph. Seeding the "
-                    "recipes makes the comparison exact.\n")
+                    "source metadata and the reference to it: 5 bytes). Same weights, same graph. The name came "
+                    "from onnx-ir's per-load counter, which restarts when a cached prefix is loaded; rewrite rules "
+                    "now name a new node after the matched node it replaces, so a pipeline gives the same bytes "
+                    "with or without the cache (tests/passes/test_rewrite.py). The run above predates that fix.\n")
         first = RESULTS / "search_resnet18_first_run.json"
         if first.is_file():
             f = json.loads(first.read_text())
