@@ -255,8 +255,8 @@ def magika(q: bool, curves: dict, threads: int, runs: int) -> tuple[list, list, 
     x = np.stack([zoo.magika_features(p) for p in files])
     x_train, x_test = x[:n_train], x[n_train:]
     # augmentation: random byte ranges of the training files only (the held-out files stay untouched),
-    # drawn more often from the files the teacher is unsure of (its disagreements with the student
-    # are there: markdown / rst / txt docs), weight 0.1 + (1 - teacher's top probability)
+    # drawn uniformly, or with MAGIKA_WEIGHTED_VIEWS more often from the files the teacher is unsure of
+    # (weight 0.1 + (1 - teacher's top probability)); that did worse
     n_views = 200 if q else MAGIKA_VIEWS
     p_train = next(iter(ort.run_batched(str(zoo.magika_model_path()), {"bytes": x_train}, batch_size=64).values()))
     weight = 0.1 + (1 - p_train.max(1)) if MAGIKA_WEIGHTED_VIEWS else np.ones(n_train)
@@ -425,15 +425,14 @@ NOTES = """
   unlabeled real files; the teacher runs once over the training files (batched ORT). Training
   data: the 5000 training files plus `zoo.magika_views` of them (random byte ranges: the file cut
   short, a tail, a window, each read with magika's feature rules and labelled by the teacher); the
-  1000 held-out files are whole files never read for training. The views are drawn from the
-  training files with weight 0.1 + (1 - the teacher's top probability on the file), since the
-  student's disagreements are on files the teacher itself finds ambiguous (markdown / rst / txt
-  docs: 31 of the 57 disagreements of the uniform-views run; the teacher's top-2 margin there has median
-  0.27, over all held-out files 0.998). Earlier runs: the 5000 files alone
-  plateaued (3 epochs 93.0%, 5 epochs 94.2%, 10 epochs 94.0%, training KL ~0.005: over-fitted);
-  5000 files + 10000 uniformly drawn views, 2 epochs: 94.3% (training KL ~0.07 and still falling;
-  results at commit caea13e). Drawing the views toward the unsure files (this table) did worse,
-  92.9%: `MAGIKA_WEIGHTED_VIEWS = False` is the better setting for the next run. With 1000 held-out
+  1000 held-out files are whole files never read for training. The views are drawn uniformly
+  from the training files (`MAGIKA_WEIGHTED_VIEWS = False`). The student's disagreements are on
+  files the teacher itself finds ambiguous (markdown / rst / txt docs: 31 of the 57 disagreements
+  of a 2-epoch run; the teacher's top-2 margin there has median 0.27, over all held-out files
+  0.998). Runs so far: the 5000 files alone plateaued (3 epochs 93.0%, 5 epochs 94.2%, 10 epochs
+  94.0%, training KL ~0.005: over-fitted); with 10000 uniform views, 2 epochs 94.3% (commit
+  caea13e), 3 epochs 94.1% (this table); views drawn toward the unsure files (weight 0.1 + 1 -
+  the teacher's top probability), 2 epochs: 92.9%. With 1000 held-out
   files the standard error of an agreement near 94% is ~0.7 pt, so run-to-run differences of that
   size are noise.
 - MiniLM: layers 0, 2, 5 kept (the last layer kept: a better start than 0, 2, 4). Training runs at
