@@ -7,7 +7,7 @@ anything). A pass may also declare pairs known to always fail (a contract the la
 cannot keep): `incompatible_after` (fnmatch patterns of passes it may not follow, e.g.
 `quantize.weight_only` after `cluster.kmeans`: int4 blocks cannot hold the codebooks) and
 `incompatible_before` (passes that may not follow it). Either may be a property of the
-pass's config (8-bit weight_only only); `violations` reads the default configs,
+pass's config; `violations` reads the default configs,
 `drop_conflicts` the sampled ones, so the search never proposes such a pipeline. A stage
 that searches the order sorts its chosen items topologically in this
 graph, the sampled permutation only breaking ties, so an illegal order is never built; an

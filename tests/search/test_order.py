@@ -61,8 +61,7 @@ def test_incompatible_declarations_make_pairs_illegal_and_the_sampler_never_prop
     from slimgraph.search.order import drop_conflicts, legal
 
     # quantize.weight_only: incompatible_after cluster.kmeans (int4 blocks cannot hold the
-    # codebooks), and prune.* only at 8 bits (the sparsity check reads 4-bit codes only);
-    # quantize.dynamic: incompatible_before pack.clusters (after k-means it always fails)
+    # codebooks); after pruning it keeps the zeros at 4 and 8 bits; quantize.dynamic: incompatible_before pack.clusters (after k-means it always fails)
     assert not legal(("cluster.kmeans", "quantize.weight_only"))
     assert legal(("prune.magnitude", "quantize.weight_only")) and legal(("cluster.kmeans", "quantize.dynamic"))
     assert not legal(("cluster.kmeans", "quantize.dynamic", "pack.clusters"))
@@ -77,9 +76,11 @@ def test_incompatible_declarations_make_pairs_illegal_and_the_sampler_never_prop
     assert ("cluster.kmeans", "quantize.dynamic") in names and ("prune.magnitude", "quantize.weight_only") in names
     assert not any("cluster.kmeans" in n and "quantize.weight_only" in n for n in names)
     assert not any("quantize.dynamic" in n and "pack.clusters" in n for n in names)
-    assert not any(("prune.magnitude", None) in p and ("quantize.weight_only", 8) in p for p in picks)
-    assert any(("prune.magnitude", None) in p and ("quantize.weight_only", 4) in p for p in picks)
-    # drop_conflicts reads the sampled config: 8-bit weight_only after pruning is dropped
+    assert all(any(("prune.magnitude", None) in p and ("quantize.weight_only", bits) in p for p in picks)
+               for bits in (4, 8))
+    # drop_conflicts reads the sampled configs: k-means then weight_only loses the later item
     items = {i.name: i for st in space.stages for i in st.items}
+    kept = drop_conflicts([(items["cluster.kmeans"], {}), (items["quantize.weight_only"], {"bits": 8})])
+    assert [i.name for i, _ in kept] == ["cluster.kmeans"]
     kept = drop_conflicts([(items["prune.magnitude"], {}), (items["quantize.weight_only"], {"bits": 8})])
-    assert [i.name for i, _ in kept] == ["prune.magnitude"]
+    assert [i.name for i, _ in kept] == ["prune.magnitude", "quantize.weight_only"]

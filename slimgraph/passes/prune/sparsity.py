@@ -141,20 +141,27 @@ def _dequantize(node: ir.Node, reader: _Reader) -> View | None:
 
 
 def _nbits(node: ir.Node, reader: _Reader) -> View | None:
-    """MatMulNBits, 4-bit codes: B [N, blocks, bs/2] uint8, low nibble first -> [N, K]."""
+    """MatMulNBits, 4- or 8-bit codes: B [N, blocks, bs * bits / 8] uint8 (4 bits: low nibble
+    first) -> [N, K]; a code equal to its block's zero point (default 2^(bits-1)) is a zero."""
     b = reader.array(node.inputs[1])
-    if b is None or node.attributes.get_int("bits", 4) != 4:
+    bits = node.attributes.get_int("bits", 4)
+    if b is None or bits not in (4, 8):
         return None
     n, k = node.attributes.get_int("N"), node.attributes.get_int("K")
-    codes = np.stack([b & 15, b >> 4], axis=-1).reshape(n, -1).astype(np.int64)
+
+    def unpack(packed: np.ndarray) -> np.ndarray:
+        if bits == 4:
+            packed = np.stack([packed & 15, packed >> 4], axis=-1)
+        return packed.reshape(n, -1).astype(np.int64)
+
+    codes = unpack(b)
     blocks = b.shape[1]
     bs = node.attributes.get_int("block_size")
     zp = reader.array(node.inputs[3]) if len(node.inputs) > 3 else None
     if zp is None:
-        z = np.asarray(8)
+        z = np.asarray(1 << (bits - 1))
     elif zp.dtype == np.uint8:
-        z = np.stack([zp & 15, zp >> 4], axis=-1).reshape(n, -1)[:, :blocks].astype(np.int64)
-        z = np.repeat(z, bs, axis=1)
+        z = np.repeat(unpack(zp)[:, :blocks], bs, axis=1)
     else:
         return None  # float zero points: codes are not comparable to a zero
     return View(node.name, "MatMulNBits", (codes != z)[:, :k], True)

@@ -215,7 +215,9 @@ class QuantizeWeightOnly(Pass):
 
     name = "quantize.weight_only"
     exact = False
-    version = 2  # 2: GPTQ keeps pruned zeros when a sparsity contract exists
+    # 2: GPTQ keeps pruned zeros when a sparsity contract exists; 3: 8-bit after pruning passes
+    # the sparsity check (cached failures of that pair are stale)
+    version = 3
     after = ("cleanup", "fuse", "optimize", "fold_*", "fuse_*", "matmul_add_to_gemm", "prune*", "cluster*",
              "infer_shapes", "quantize.smoothquant", "quantize.equalize")
 
@@ -248,14 +250,10 @@ class QuantizeWeightOnly(Pass):
                 raise ValueError(f"unknown op types {unknown}; quantize.weight_only handles {list(OP_TYPES)}")
             return tuple(v)
 
-    @property
-    def incompatible_after(self) -> tuple[str, ...]:
-        """Passes whose contract this one always breaks (the search's order DAG never proposes
-        the pair): per-block scales cannot hold a k-means codebook; pruned zeros are kept
-        (exactly 0 is the zero point, GPTQ keeps them, see `gptq`), but the sparsity check
-        reads back 4-bit MatMulNBits codes only, so 8 bits after pruning always fails it."""
-        pruning = ("prune.magnitude", "prune.n_m") if self.config.bits == 8 else ()
-        return ("cluster.kmeans", *pruning)
+    #: Passes whose contract this one always breaks (the search's order DAG never proposes
+    #: the pair): per-block scales cannot hold a k-means codebook. Pruned zeros are kept
+    #: (exactly 0 is the zero point; GPTQ keeps them, see `gptq`).
+    incompatible_after = ("cluster.kmeans",)
 
     def run(self, model, ctx) -> PassResult:
         cfg = self.config
