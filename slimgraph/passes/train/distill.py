@@ -61,12 +61,16 @@ class Distill(Pass):
         cfg = self.config
         data, labels = _loop.training_data(ctx, model, self.name, need_labels=cfg.hard_weight > 0)
         pairs = [self._pair(f) for f in cfg.features]
-        teacher = _Teacher(self._teacher_source(ctx), [t for _, t in pairs], self.name)
+        teacher_seconds = 0.0
+        if self.teacher_outputs is None:  # once per run, not per epoch
+            teacher = _Teacher(self._teacher_source(ctx), [t for _, t in pairs], self.name)
+            self.teacher_outputs = teacher.outputs(data, cfg.batch_size)
+            teacher_seconds = teacher.seconds
+        targets = self.teacher_outputs
         model.graph.sort()
         student_model = _with_outputs(model, [s for s, _ in pairs], self.name)
         module = GraphModule(student_model)
         first_out = module.output_names[0]
-        targets = teacher.outputs(data, cfg.batch_size)  # once, not per epoch
         self._check_shapes(module, data, targets[0], first_out)
         # the cached targets travel with their samples through the shuffled batches
         keyed = {**data, **{f"{_TARGET}{i}": t for i, t in enumerate(targets)}}
@@ -97,8 +101,13 @@ class Distill(Pass):
             trained.graph.outputs.pop()
         model.ir = trained.ir
         return PassResult(model, True, {**_loop.summary(losses, steps, cfg.epochs, start),
-                                        "teacher_seconds": round(teacher.seconds, 2),
+                                        "teacher_seconds": round(teacher_seconds, 2),
                                         "constrained_tensors": len(cons)})
+
+    #: The teacher's outputs [first output, *features] over the training data, kept after a
+    #: run; a caller that distils again from the same teacher on the same data (prune.gradual,
+    #: at every step) hands them to the next instance instead of running the teacher again.
+    teacher_outputs: list[np.ndarray] | None = None
 
     def _teacher_source(self, ctx: PassContext):
         if self.config.teacher != "input":

@@ -69,6 +69,7 @@ class PruneGradual(Pass):
 
         cfg = self.config
         history, kept = [], 1.0
+        self._teacher_outputs = None  # this run's teacher, this run's data
         layers = {pattern: cubic_schedule(final, cfg.steps) for pattern, final in cfg.per_layer.items()}
         for step, target in enumerate(cubic_schedule(cfg.sparsity, cfg.steps)):
             if cfg.kind == "unstructured":
@@ -81,20 +82,25 @@ class PruneGradual(Pass):
                 prune = get_pass("prune.structured")(ratio=max(0.0, min(step_ratio, 0.99)), multiple=cfg.multiple,
                                                      exclude=cfg.exclude)
             prune.run(model, ctx)
-            tuned = self._tune(cfg.epochs_per_step, "constant").run(model, ctx)
+            tuned = self._tune(model, ctx, cfg.epochs_per_step, "constant")
             history.append({"sparsity": round(target, 4), "loss": tuned.stats["loss_last_epoch"]})
         if cfg.final_epochs:
-            self._tune(cfg.final_epochs, "cosine").run(model, ctx)
+            self._tune(model, ctx, cfg.final_epochs, "cosine")
         return PassResult(model, True, {"steps": cfg.steps, "final_sparsity": cfg.sparsity, "table": history,
                                         "distilled": cfg.teacher is not None})
 
-    def _tune(self, epochs: int, schedule: str) -> Pass:
-        """The fine-tuning pass run after a step: train.finetune, or train.distill with a teacher."""
+    def _tune(self, model: Model, ctx: PassContext, epochs: int, schedule: str) -> PassResult:
+        """Fine-tune after a step: train.finetune, or train.distill with a teacher (whose
+        outputs on the data are computed at the first step and reused by the later ones)."""
         from slimgraph.passes.base import get_pass
 
         cfg = self.config
         common = dict(epochs=epochs, lr=cfg.lr, batch_size=cfg.batch_size, schedule=schedule)
         if cfg.teacher is None:
-            return get_pass("train.finetune")(**common)
-        return get_pass("train.distill")(teacher=cfg.teacher, temperature=cfg.temperature,
-                                         hard_weight=cfg.hard_weight, **common)
+            return get_pass("train.finetune")(**common).run(model, ctx)
+        distill = get_pass("train.distill")(teacher=cfg.teacher, temperature=cfg.temperature,
+                                            hard_weight=cfg.hard_weight, **common)
+        distill.teacher_outputs = getattr(self, "_teacher_outputs", None)
+        result = distill.run(model, ctx)
+        self._teacher_outputs = distill.teacher_outputs
+        return result
