@@ -73,6 +73,7 @@ from typing import Any
 import numpy as np
 
 from slimgraph.ir.model import Model
+from slimgraph.passes.prune._sensitivity import floor_count
 from slimgraph.passes.prune.channels import ChannelAnalysis, Group, _constant, estimate_macs, space_size
 
 logger = logging.getLogger("slimgraph.passes.prune")
@@ -480,13 +481,6 @@ def group_weight(group: Group) -> int:
     return weight(group)
 
 
-def _floor(size: int, config) -> int:
-    """The fewest channels a group may keep (`_sensitivity.floor_count`)."""
-    from slimgraph.passes.prune._sensitivity import floor_count
-
-    return floor_count(size, config)
-
-
 def _step_down(count: int, multiple: int) -> int:
     """The next smaller count: the multiple below `count`."""
     if multiple <= 1:
@@ -519,7 +513,7 @@ def _greedy(model, analysis, scores, config, table, info: dict, losses=None) -> 
     multiple = int(getattr(config, "multiple", 1))
     layers = _layers(model, analysis, group_ids)
     counts = {gid: analysis.groups[gid].size for gid in group_ids}
-    floors = {gid: _floor(analysis.groups[gid].size, config) for gid in group_ids}
+    floors = {gid: floor_count(analysis.groups[gid].size, config) for gid in group_ids}
     cal = None
     if getattr(config, "calibrate", False):
         cal = calibrate(model, analysis, group_ids, table)

@@ -16,6 +16,7 @@ import slimgraph
 from slimgraph import zoo
 from slimgraph.backends import ort
 from slimgraph.passes.prune import latency
+from slimgraph.passes.prune._sensitivity import floor_count
 from slimgraph.passes.prune.channels import analyze, estimate_macs
 from slimgraph.passes.prune.latency import LatencyTable, LayerShape, choose_keep, layer_shape
 from slimgraph.passes.prune.structured import PruneStructured, _prepare
@@ -275,7 +276,7 @@ def test_resnet18_latency_mode_prunes_where_time_is(exported, tmp_path):
     counts = choose_keep(prepared, analysis, {g.id: scores[g.id] for g in groups}, Cfg(ratio=0.3), table=table)
     dense = latency.predicted_latency(prepared, analysis, {g.id: g.size for g in groups}, table)
     target = latency.latency_target(prepared, analysis, [g.id for g in groups], Cfg(ratio=0.3))
-    floors = {g.id: latency._floor(g.size, Cfg(ratio=0.3)) for g in groups}
+    floors = {g.id: floor_count(g.size, Cfg(ratio=0.3)) for g in groups}
     goal = _goal(prepared, analysis, table, floors, target)  # the reducible part is cut by the target
     assert goal < dense and latency.predicted_latency(prepared, analysis, counts, table) <= goal
     keep = {g.id: np.argsort(-scores[g.id])[:counts[g.id]] for g in groups if counts[g.id] < g.size}
