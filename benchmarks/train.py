@@ -240,28 +240,34 @@ def magika_lowrank_student(rank: int):
 
 
 MAGIKA_RANK = 96  # 24% of magika's MACs
-MAGIKA_EPOCHS, MAGIKA_LR = 3, 0.0005
-MAGIKA_VIEWS = 10000  # zoo.magika_views of the training files, labelled by the teacher like the files
-# True: views drawn toward the files the teacher is unsure of (2 epochs: 92.9%); False: uniformly
-# (2 epochs: 94.3%, the better)
-MAGIKA_WEIGHTED_VIEWS = False
+MAGIKA_EPOCHS, MAGIKA_LR = 4, 0.0005
+# files of this machine from every kind `zoo.machine_files(wide=True)` holds (libraries, sources,
+# headers, docs, data under /usr/share, packages, configs, executables), split at random into
+# training and held-out files; earlier runs used 5000 + 1000 files of three kinds only (below)
+MAGIKA_FILES, MAGIKA_TEST = 24000, 3000
+MAGIKA_VIEWS = 0  # zoo.magika_views of the training files (10000 helped the 5000-file runs only)
+
+
+def file_kinds() -> dict[str, str]:
+    """path -> the `zoo.machine_files(wide=True)` kind it was drawn from (for the per-kind table)."""
+    return {str(p): kind for kind, paths in zoo.machine_files(wide=True).items() for p in paths}
 
 
 def magika(q: bool, curves: dict, threads: int, runs: int) -> tuple[list, list, dict]:
     import torch
 
-    n_train, n_test = (300, 100) if q else (5000, 1000)
-    files = zoo.magika_files(n_train + n_test, seed=0)
+    n_files, n_test = (400, 100) if q else (MAGIKA_FILES, MAGIKA_TEST)
+    files = zoo.magika_files(n_files, seed=0, wide=True)
+    # kinds run out at different points of magika_files' round robin, so split at random
+    order = np.random.default_rng(0).permutation(n_files)
+    files = [files[i] for i in order]
     x = np.stack([zoo.magika_features(p) for p in files])
-    x_train, x_test = x[:n_train], x[n_train:]
-    # augmentation: random byte ranges of the training files only (the held-out files stay untouched),
-    # drawn uniformly, or with MAGIKA_WEIGHTED_VIEWS more often from the files the teacher is unsure of
-    # (weight 0.1 + (1 - teacher's top probability)); that did worse
-    n_views = 200 if q else MAGIKA_VIEWS
-    p_train = next(iter(ort.run_batched(str(zoo.magika_model_path()), {"bytes": x_train}, batch_size=64).values()))
-    weight = 0.1 + (1 - p_train.max(1)) if MAGIKA_WEIGHTED_VIEWS else np.ones(n_train)
-    pick = np.random.default_rng(2).choice(n_train, size=n_views, p=weight / weight.sum())
-    x_train = np.concatenate([x_train, zoo.magika_views([files[i] for i in pick], n_views, seed=1)])
+    x_train, x_test = x[n_test:], x[:n_test]
+    n_train = len(x_train)
+    n_views = min(MAGIKA_VIEWS, 200) if q else MAGIKA_VIEWS
+    if n_views:  # random byte ranges of training files only: the held-out files stay untouched
+        pick = np.random.default_rng(2).choice(n_train, size=n_views)
+        x_train = np.concatenate([x_train, zoo.magika_views([files[n_test + i] for i in pick], n_views, seed=1)])
     teacher_path = zoo.magika_model_path()
     teacher_log = magika_log_teacher()
     t_probs = next(iter(ort.run_batched(str(teacher_path), {"bytes": x_test}, batch_size=64).values()))
@@ -288,12 +294,16 @@ def magika(q: bool, curves: dict, threads: int, runs: int) -> tuple[list, list, 
     classes = len(set(t_probs.argmax(1)))
     rows = [["magika (teacher)", macs(str(teacher_path)), 1.0, "-", round(b["magika"].median, 3), 1.0],
             [f"rank-{MAGIKA_RANK} student, SVD-initialised, untrained", macs(student), round(ratio, 4), agree0, "-", "-"],
-            [f"rank-{MAGIKA_RANK} student, distilled ({ep} epochs, {n_train} files + {n_views} views of them "
-             f"({'weighted to unsure files' if MAGIKA_WEIGHTED_VIEWS else 'uniform'}), "
-             f"{secs:.0f} s, teacher "
-             f"{st.get('teacher_seconds')} s of it)", macs(r.model), round(ratio, 4), agree,
+            [f"rank-{MAGIKA_RANK} student, distilled ({ep} epochs, {n_train} files + {n_views} views of them, "
+             f"{secs:.0f} s, teacher {st.get('teacher_seconds')} s of it)", macs(r.model), round(ratio, 4), agree,
              round(b["student"].median, 3), round(lat, 3)],
             ["magika (control)", "-", "-", "-", round(b["magika (control)"].median, 3), round(ctrl, 3)]]
+    kinds = file_kinds()
+    test_kind = np.array([kinds.get(str(p), "?") for p in files[:n_test]])
+    hit = s_out.argmax(1) == t_probs.argmax(1)
+    for kind in sorted(set(test_kind), key=lambda k: -(test_kind == k).sum()):
+        sel = test_kind == kind
+        rows.append([f"... held-out `{kind}` files ({sel.sum()})", "-", "-", round(float(hit[sel].mean()), 3), "-", "-"])
     targets = [["magika student <= 1/4 MACs, agreement >= 95% on held-out files", ratio <= 0.25 and agree >= 0.95,
                 f"MACs ratio {ratio:.3f}, agreement {100 * agree:.1f}% on {n_test} files "
                 f"({classes} teacher classes; {100 * agree0:.1f}% before training), latency ratio {lat:.2f} "

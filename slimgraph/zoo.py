@@ -140,23 +140,39 @@ def _walk(root: Path, keep: Callable[[str], bool], max_depth: int) -> list[Path]
     return out
 
 
-@lru_cache(maxsize=1)
-def _machine_files() -> dict[str, list[Path]]:
-    """Candidate input files per kind: shared libraries, Python's stdlib, docs."""
+@lru_cache(maxsize=2)
+def machine_files(wide: bool = False) -> dict[str, list[Path]]:
+    """Candidate input files per kind: shared libraries, Python's stdlib, docs; `wide` adds
+    C headers, the rest of /usr/share and /usr/lib, executables, /etc and installed Python
+    packages (the mix magika meets on a machine, for training sets larger than the three
+    narrow kinds hold)."""
     stdlib = Path(sysconfig.get_paths()["stdlib"])
-    return {
+    kinds = {
         "shared_library": _walk(Path("/usr/lib"), lambda n: n.endswith(".so") or ".so." in n, 3),
         "python": _walk(stdlib, lambda n: n.endswith(".py"), 4),
         "doc": _walk(Path("/usr/share/doc"), lambda n: True, 3),
     }
+    if wide:
+        share = [p for p in _walk(Path("/usr/share"), lambda n: True, 4) if p.parts[3] != "doc"]
+        kinds |= {
+            "c_header": _walk(Path("/usr/include"), lambda n: n.endswith(".h"), 4),
+            "share": share,
+            "lib_other": _walk(Path("/usr/lib"), lambda n: not (n.endswith(".so") or ".so." in n), 4),
+            "executable": _walk(Path("/usr/bin"), lambda n: True, 1),
+            "config": _walk(Path("/etc"), lambda n: True, 3),
+            "python_package": _walk(Path(sysconfig.get_paths()["purelib"]), lambda n: not n.endswith(".pyc"), 4),
+        }
+    return kinds
 
 
-def magika_files(n: int, seed: int = 0) -> list[Path]:
+def magika_files(n: int, seed: int = 0, wide: bool = False) -> list[Path]:
     """`n` files of this machine magika would classify with its model, taken in turn
-    from each kind (shared libraries, Python sources, docs) in a seeded order."""
+    from each kind (shared libraries, Python sources, docs; more with `wide`, see
+    `machine_files`) in a seeded order. Kinds run out at different points, so the tail of
+    a long list is not a sample of the whole: split it at random, not by position."""
     rng = np.random.default_rng(seed)
     queues: list[Iterator[Path]] = []
-    for files in _machine_files().values():
+    for files in machine_files(wide).values():
         order = rng.permutation(len(files))
         queues.append(iter([files[i] for i in order]))
     chosen: list[Path] = []
@@ -633,7 +649,7 @@ def _docstring_texts() -> Iterator[str]:
     import re
 
     pattern = re.compile(r'"""(.*?)"""', re.S)
-    for path in _machine_files()["python"]:
+    for path in machine_files()["python"]:
         try:
             source = path.read_text(encoding="utf-8")
         except (OSError, UnicodeDecodeError) as e:
@@ -645,7 +661,7 @@ def _docstring_texts() -> Iterator[str]:
 def _doc_texts() -> Iterator[str]:
     import gzip
 
-    for path in _machine_files()["doc"]:
+    for path in machine_files()["doc"]:
         name = path.name.lower().removesuffix(".gz")
         if not (name.startswith("readme") or name.endswith((".txt", ".md", ".rst"))):
             continue
