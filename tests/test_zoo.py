@@ -49,6 +49,19 @@ def test_magika_inputs_are_deterministic():
     assert zoo.magika_files(6, seed=0) != zoo.magika_files(6, seed=1)
 
 
+def test_wide_file_pool_draws_from_every_kind_in_turn():
+    """wide=True adds kinds (headers, /usr/share, packages, ...) for larger training sets; the
+    round robin takes one file per kind in turn, and the default draw keeps its three kinds."""
+    narrow, wide = zoo.machine_files(), zoo.machine_files(wide=True)
+    assert set(narrow) < set(wide)
+    kind_of = {p: kind for kind, paths in wide.items() for p in paths}
+    present = [k for k, paths in wide.items() if paths]
+    files = zoo.magika_files(3 * len(present), seed=0, wide=True)
+    assert len(set(files)) == len(files)
+    assert len({kind_of[p] for p in files}) >= len(present) - 1  # a kind may hold no modelable file
+    assert {kind_of[p] for p in zoo.magika_files(12, seed=0)} <= set(narrow)
+
+
 def test_missing_package_says_what_to_install(monkeypatch):
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "magika" else real(name, *a))
