@@ -13,7 +13,7 @@ every section (each stamped with the commit and seconds of the run that made it)
    post-training `quantize.static` vs `train.qat`, per-channel and per-tensor 4-bit, on the
    CNN and the LeNet-shaped MLP (`zoo.digits_mlp`).
 2. magika as teacher: a student with <= 1/4 of magika's MACs (magika with its big Conv
-   factorised to low rank, SVD-initialised) distilled on unlabeled files of this machine
+   factorised as Tucker-2, HOSVD-initialised) distilled on unlabeled files of this machine
    (`zoo.magika_files(wide=True)`, split at random); top-1 agreement with magika on the
    held-out files, overall and per kind of file.
 3. all-MiniLM-L6-v2 -> 3 layers (`train.layers.drop_layers(keep=[0, 2, 5])`, teacher-

@@ -153,7 +153,7 @@ def machine_files(wide: bool = False) -> dict[str, list[Path]]:
         "doc": _walk(Path("/usr/share/doc"), lambda n: True, 3),
     }
     if wide:
-        share = [p for p in _walk(Path("/usr/share"), lambda n: True, 4) if p.parts[3] != "doc"]
+        share = [p for p in _walk(Path("/usr/share"), lambda n: True, 4) if not p.is_relative_to("/usr/share/doc")]
         kinds |= {
             "c_header": _walk(Path("/usr/include"), lambda n: n.endswith(".h"), 4),
             "share": share,
