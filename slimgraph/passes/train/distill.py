@@ -62,11 +62,13 @@ class Distill(Pass):
         data, labels = _loop.training_data(ctx, model, self.name, need_labels=cfg.hard_weight > 0)
         pairs = [self._pair(f) for f in cfg.features]
         teacher_seconds = 0.0
-        if self.teacher_outputs is None:  # once per run, not per epoch
+        # handed in for this run only: a reused instance never trains on stale targets
+        targets, self.teacher_outputs = self.teacher_outputs, None
+        if targets is None:  # once per run, not per epoch
             teacher = _Teacher(self._teacher_source(ctx), [t for _, t in pairs], self.name)
-            self.teacher_outputs = teacher.outputs(data, cfg.batch_size)
+            targets = teacher.outputs(data, cfg.batch_size)
             teacher_seconds = teacher.seconds
-        targets = self.teacher_outputs
+        self.last_teacher_outputs = targets
         model.graph.sort()
         student_model = _with_outputs(model, [s for s, _ in pairs], self.name)
         module = GraphModule(student_model)
@@ -104,10 +106,11 @@ class Distill(Pass):
                                         "teacher_seconds": round(teacher_seconds, 2),
                                         "constrained_tensors": len(cons)})
 
-    #: The teacher's outputs [first output, *features] over the training data, kept after a
-    #: run; a caller that distils again from the same teacher on the same data (prune.gradual,
-    #: at every step) hands them to the next instance instead of running the teacher again.
+    #: The teacher's outputs [first output, *features] over the training data, set by a
+    #: caller that distils again from the same teacher on the same data (prune.gradual, at
+    #: every step) from the previous run's `last_teacher_outputs`; used by the next run only.
     teacher_outputs: list[np.ndarray] | None = None
+    last_teacher_outputs: list[np.ndarray] | None = None
 
     def _teacher_source(self, ctx: PassContext):
         if self.config.teacher != "input":

@@ -100,7 +100,7 @@ class PruneGradual(Pass):
             return get_pass("train.finetune")(**common).run(model, ctx)
         distill = get_pass("train.distill")(teacher=cfg.teacher, temperature=cfg.temperature,
                                             hard_weight=cfg.hard_weight, **common)
-        distill.teacher_outputs = getattr(self, "_teacher_outputs", None)
+        distill.teacher_outputs = self._teacher_outputs
         result = distill.run(model, ctx)
-        self._teacher_outputs = distill.teacher_outputs
+        self._teacher_outputs = distill.last_teacher_outputs
         return result

@@ -77,6 +77,23 @@ def test_teacher_runs_once_over_the_data_not_every_epoch(monkeypatch):
     assert result.report.rows[-1].stats["steps"] == 24
 
 
+def test_a_reused_instance_runs_the_teacher_on_its_new_data(monkeypatch):
+    """Outputs kept for prune.gradual's next step are used by one run only: the same
+    instance run again on other data must not train on the first data's targets."""
+    from slimgraph.passes.base import get_pass
+
+    calls = []
+    real = ort.run_batched
+    monkeypatch.setattr(ort, "run_batched", lambda model, data, **kw: calls.append(len(next(iter(data.values()))))
+                        or real(model, data, **kw))
+    d = zoo.digits_data()
+    teacher = str(zoo.digits_mlp())
+    distill = get_pass("train.distill")(teacher=teacher, epochs=1, batch_size=32)
+    slimgraph.run(teacher, [distill], data={"input": d.x_train[:64]})
+    slimgraph.run(teacher, [distill], data={"input": d.x_train[64:160]})
+    assert calls == [64, 96]
+
+
 def test_divergence_stops_with_a_message_and_leaves_the_input_untouched():
     d = zoo.digits_data()
     teacher = str(zoo.digits_mlp())
